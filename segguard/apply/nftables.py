@@ -1,0 +1,178 @@
+"""Program our one table through libnftables' JSON API, in one transaction, and read
+it back to prove the kernel holds exactly what was planned.
+
+Only the `segguard` table is ever touched: libvirt's, firewalld's and docker's tables
+are not listed, flushed or changed, and removing segguard is deleting its table.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from segguard.errors import ApplyError, SegguardError
+from segguard.plan import Plan
+
+JSON_SCHEMA_VERSION = 1
+
+
+class Nft:
+    """Thin wrapper: one libnftables context, JSON in and out."""
+
+    def __init__(self) -> None:
+        try:
+            import nftables
+        except ImportError as exc:  # pragma: no cover - depends on the host
+            raise SegguardError("the nftables Python module is missing: apt-get install python3-nftables "
+                                "and use a venv made with --system-site-packages") from exc
+        self._nft = nftables.Nftables()
+        self._nft.set_json_output(True)
+        self._nft.set_handle_output(False)
+
+    def raw(self, batch: dict[str, Any]) -> tuple[int, str, str]:
+        return self._nft.json_cmd(copy.deepcopy(batch))
+
+    def run(self, batch: dict[str, Any], what: str) -> dict[str, Any]:
+        rc, out, err = self.raw(batch)
+        if rc != 0:
+            raise ApplyError(f"kernel refused {what}: {err.strip()}", batch=batch, kernel_error=err.strip())
+        return out if isinstance(out, dict) else (json.loads(out) if out else {})
+
+    def list_table(self, table: str) -> list[dict[str, Any]] | None:
+        """The table's objects as the kernel reports them, or None if it does not exist."""
+        rc, out, err = self.raw({"nftables": [{"list": {"table": {"family": "bridge", "name": table}}}]})
+        if rc != 0:
+            if "No such file or directory" in err:
+                return None
+            raise ApplyError(f"cannot list table bridge {table}: {err.strip()}", kernel_error=err.strip())
+        data = out if isinstance(out, dict) else json.loads(out)
+        return [o for o in data.get("nftables", []) if "metainfo" not in o]
+
+
+def _metainfo() -> dict[str, Any]:
+    return {"metainfo": {"json_schema_version": JSON_SCHEMA_VERSION}}
+
+
+def replace_batch(plan: Plan) -> dict[str, Any]:
+    """add + delete + add of the table and all its content in ONE transaction: the
+    kernel switches from the old policy to the new one atomically, with no moment in
+    which the table is empty (never flush-then-add), and a refused batch changes nothing."""
+    tbl = {"table": {"family": "bridge", "name": plan.table}}
+    cmds = [_metainfo(), {"add": tbl}, {"delete": copy.deepcopy(tbl)}]
+    cmds += [{"add": obj} for obj in plan.nft]
+    return {"nftables": cmds}
+
+
+def delete_batch(table: str) -> dict[str, Any]:
+    return {"nftables": [_metainfo(), {"delete": {"table": {"family": "bridge", "name": table}}}]}
+
+
+# ---- read-back ----------------------------------------------------------------------
+
+_VOLATILE = ("handle",)
+
+
+def _canonical_sets(value: Any) -> Any:
+    """Anonymous sets are unordered; the kernel lists their elements by value."""
+    if isinstance(value, dict):
+        out = {k: _canonical_sets(v) for k, v in value.items()}
+        if set(out) == {"set"} and isinstance(out["set"], list):
+            out["set"] = sorted(out["set"], key=lambda e: json.dumps(e, sort_keys=True))
+        return out
+    if isinstance(value, list):
+        return [_canonical_sets(v) for v in value]
+    return value
+
+
+def normalize(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Strip what differs between what we send and what the kernel lists without being
+    a difference in policy: handles, counter values, and element order of named sets."""
+    out = []
+    for obj in objects:
+        kind, body = next(iter(obj.items()))
+        body = {k: v for k, v in copy.deepcopy(body).items() if k not in _VOLATILE}
+        if kind == "rule":
+            body["expr"] = [({"counter": None} if "counter" in e else _canonical_sets(e)) for e in body["expr"]]
+        if kind in ("set", "map") and "elem" in body:
+            body["elem"] = sorted(body["elem"], key=lambda e: json.dumps(e, sort_keys=True))
+        out.append({kind: body})
+    # the kernel lists sets, then maps, then chains with their rules: compare by content
+    return sorted(out, key=lambda o: json.dumps(o, sort_keys=True))
+
+
+@dataclass(frozen=True)
+class TableDiff:
+    missing: tuple[dict[str, Any], ...]     # planned, not in the kernel
+    unexpected: tuple[dict[str, Any], ...]  # in the kernel, not planned
+
+    @property
+    def empty(self) -> bool:
+        return not self.missing and not self.unexpected
+
+    def describe(self, limit: int = 10) -> list[str]:
+        def short(o):
+            kind, body = next(iter(o.items()))
+            if kind == "rule":
+                return f"rule in {body['chain']}: {body.get('comment') or json.dumps(body['expr'])[:160]}"
+            return f"{kind} {body.get('name', '')}"
+        lines = [f"missing {short(o)}" for o in self.missing[:limit]]
+        lines += [f"unexpected {short(o)}" for o in self.unexpected[:limit]]
+        return lines
+
+
+def diff_objects(desired: list[dict[str, Any]], realized: list[dict[str, Any]] | None) -> TableDiff:
+    want = normalize(desired)
+    have = normalize(realized or [])
+    want_keys = [json.dumps(o, sort_keys=True) for o in want]
+    have_keys = [json.dumps(o, sort_keys=True) for o in have]
+    # multiset difference: a duplicated rule is a difference too
+    from collections import Counter
+    w, h = Counter(want_keys), Counter(have_keys)
+    missing = [json.loads(k) for k in sorted((w - h).elements())]
+    unexpected = [json.loads(k) for k in sorted((h - w).elements())]
+    return TableDiff(tuple(missing), tuple(unexpected))
+
+
+def rule_order(objects: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Rule order per chain matters for semantics; compare it separately from content."""
+    chains: dict[str, list[str]] = {}
+    for obj in objects:
+        if "rule" in obj:
+            body = obj["rule"]
+            chains.setdefault(body["chain"], []).append(json.dumps(normalize([obj])[0], sort_keys=True))
+    return chains
+
+
+class NftablesApplier:
+    def __init__(self, nft: Nft | None = None):
+        self.nft = nft or Nft()
+
+    def realized(self, table: str) -> list[dict[str, Any]] | None:
+        return self.nft.list_table(table)
+
+    def diff(self, plan: Plan) -> TableDiff:
+        return diff_objects(list(plan.nft), self.realized(plan.table))
+
+    def apply(self, plan: Plan) -> bool:
+        """Make the kernel hold `plan`. Returns False if it already did (nothing sent)."""
+        current = self.realized(plan.table)
+        if current is not None and self._same(plan, current):
+            return False
+        batch = replace_batch(plan)
+        self.nft.run(batch, "the segguard table")
+        after = self.realized(plan.table)
+        if after is None or not self._same(plan, after):
+            d = diff_objects(list(plan.nft), after)
+            raise ApplyError("read-back of table bridge %s differs from the plan" % plan.table,
+                             batch=batch, details=d.describe())
+        return True
+
+    def _same(self, plan: Plan, realized: list[dict[str, Any]]) -> bool:
+        return diff_objects(list(plan.nft), realized).empty and rule_order(list(plan.nft)) == rule_order(realized)
+
+    def remove(self, table: str) -> bool:
+        if self.realized(table) is None:
+            return False
+        self.nft.run(delete_batch(table), f"deleting table bridge {table}")
+        return True

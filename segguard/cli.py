@@ -1,0 +1,253 @@
+"""segguard command line. The only place errors become messages and exit codes."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from segguard.errors import ApplyError, ConfigError, SegguardError
+
+EXIT_CODES = """Exit codes: 0 ok; 1 error; 2 invalid config (nothing applied); 3 host facts
+unreadable; 4 the kernel refused the transaction or read-back differed (the previous
+policy stays in force); 5 verification failed (an expectation did not hold); 6 lab
+error; 10 `plan` found changes to apply."""
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
+                  help="Wall off legacy VMs on a KVM host: nftables bridge rules, VLAN filters, "
+                       "proven by real packets.\n\n" + EXIT_CODES)
+lab_app = typer.Typer(no_args_is_help=True, help="A hypervisor, guests, a DC, a router and an 'internet' in network namespaces.")
+app.add_typer(lab_app, name="lab")
+
+ConfigOpt = typer.Option(None, "--config", "-c", envvar="SEGGUARD_CONFIG",
+                         help="config directory holding site.yaml and profiles/*.yaml [default: /etc/segguard]")
+JsonOpt = typer.Option(False, "--json", help="machine-readable output")
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+@app.command()
+def validate(config: Optional[Path] = ConfigOpt, as_json: bool = JsonOpt) -> None:
+    """Check the configuration; print every problem as file:line: field: message."""
+    from segguard.config.validate import load_config
+
+    cfg = load_config(config)
+    guests = cfg.guests()
+    if as_json:
+        _out(json.dumps({"valid": True, "profiles": [lp.name for lp in cfg.profiles], "guests": [g.name for _, g in guests]}))
+    else:
+        _out(f"ok: {len(cfg.profiles)} profiles, {len(guests)} legacy guests in {cfg.directory}")
+
+
+@app.command()
+def plan(config: Optional[Path] = ConfigOpt, offline: bool = typer.Option(False, "--offline", help="print the compiled plan; touch no kernel"),
+         facts: Optional[Path] = typer.Option(None, "--facts", help="host facts JSON to compile against (implies --offline)"),
+         as_json: bool = JsonOpt) -> None:
+    """What `apply` would change against the live kernel (or, --offline, the compiled plan)."""
+    from segguard.flow import build_plan
+    from segguard.host import HostFacts
+    from segguard.report import bindings_table, console
+
+    host_facts = None
+    if facts is not None:
+        host_facts = HostFacts.from_dict(json.loads(facts.read_text()))
+        offline = True
+    elif offline:
+        host_facts = HostFacts()
+    cfg, hf, p = build_plan(config, host_facts)
+    if offline:
+        _out(p.to_json() if as_json else _plan_summary(p))
+        return
+    from segguard.apply.nftables import NftablesApplier
+
+    diff = NftablesApplier().diff(p)
+    if as_json:
+        _out(json.dumps({"changes": not diff.empty, "missing": list(diff.missing), "unexpected": list(diff.unexpected),
+                         "plan": p.to_dict()}, indent=2, sort_keys=True))
+    else:
+        console.print(bindings_table(p))
+        for w in p.warnings:
+            _out(f"warning: {w}")
+        if diff.empty:
+            _out("no changes: the kernel already holds this plan")
+        else:
+            _out(f"{len(diff.missing)} objects to add, {len(diff.unexpected)} to remove:")
+            for line in diff.describe(limit=50):
+                _out("  " + line)
+    if not diff.empty:
+        raise typer.Exit(10)
+
+
+def _plan_summary(p) -> str:
+    kinds: dict[str, int] = {}
+    for o in p.nft:
+        k = next(iter(o))
+        kinds[k] = kinds.get(k, 0) + 1
+    lines = [f"table bridge {p.table}: " + ", ".join(f"{n} {k}s" for k, n in sorted(kinds.items())),
+             f"mode: {'stateful (ct state)' if p.stateful else 'stateless reply rules'}"]
+    for b in p.bindings:
+        lines.append(f"  {b.guest} ({b.profile}): {b.mac} on {b.bridge}/{b.port or 'UNBOUND'} [{b.source}] {b.mode}")
+    lines += [f"warning: {w}" for w in p.warnings]
+    return "\n".join(lines)
+
+
+@app.command()
+def apply(config: Optional[Path] = ConfigOpt, dry_run: bool = typer.Option(False, "--dry-run", help="compile and compare; change nothing"),
+          as_json: bool = JsonOpt) -> None:
+    """Replace segguard's table in one atomic transaction, then read it back."""
+    from segguard.flow import apply_plan, build_plan
+
+    cfg, hf, p = build_plan(config)
+    result = apply_plan(p, dry_run=dry_run)
+    state = "would change" if dry_run and result.changed else ("applied" if result.changed else "unchanged")
+    if as_json:
+        _out(json.dumps({"result": state, "stateful": p.stateful, "seconds": round(result.seconds, 4),
+                         "guests": len(p.bindings), "warnings": list(p.warnings)}))
+        return
+    for w in p.warnings:
+        _out(f"warning: {w}")
+    mode = "stateful (conntrack: ct state)" if p.stateful else "stateless reply rules (no nf_conntrack_bridge)"
+    _out(f"{state}: table bridge {p.table}, {len(p.bindings)} legacy guests, {mode}, {result.seconds * 1000:.0f} ms")
+
+
+@app.command()
+def status(config: Optional[Path] = ConfigOpt, as_json: bool = JsonOpt) -> None:
+    """Desired (config) vs realized (kernel) per guest, and which reply mode is live."""
+    from segguard.apply.nftables import NftablesApplier
+    from segguard.flow import build_plan, last_applied
+    from segguard.report import bindings_table, console
+
+    cfg, hf, p = build_plan(config)
+    applier = NftablesApplier()
+    realized = applier.realized(p.table)
+    diff = applier.diff(p)
+    live_stateful = None if realized is None else any(
+        "ct" in json.dumps(o) and '"state"' in json.dumps(o) for o in realized if "rule" in o)
+    data = {
+        "table": p.table, "table_present": realized is not None, "in_sync": diff.empty and realized is not None,
+        "reply_mode_live": None if live_stateful is None else ("stateful (ct state)" if live_stateful else "stateless"),
+        "conntrack_bridge_available": hf.bridge_conntrack,
+        "vlan_layer": "missing: kernel lacks bridge VLAN filtering" if not hf.vlan_filtering else "available",
+        "guests": [b.__dict__ for b in p.bindings],
+        "drift": diff.describe(limit=20),
+        "last_applied_guests": len((last_applied() or {}).get("bindings", [])),
+    }
+    if as_json:
+        _out(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        console.print(bindings_table(p, "legacy guests (desired)"))
+        _out(f"table bridge {p.table}: {'present' if realized is not None else 'ABSENT'}; "
+             f"{'realized == desired' if data['in_sync'] else 'DRIFT: ' + '; '.join(data['drift'][:5])}")
+        _out(f"reply mode live: {data['reply_mode_live'] or '-'} (nf_conntrack_bridge {'available' if hf.bridge_conntrack else 'missing'})")
+        _out(f"VLAN layer: {data['vlan_layer']}")
+    if not data["in_sync"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def remove(config: Optional[Path] = ConfigOpt, yes: bool = typer.Option(False, "--yes", help="confirm: take protection down")) -> None:
+    """Delete segguard's table: the only way protection comes down."""
+    from segguard.flow import remove as do_remove
+
+    if not yes:
+        typer.confirm("Remove every segguard rule? Legacy guests will be unprotected", abort=True)
+    _out("removed table bridge segguard" if do_remove() else "nothing to remove")
+
+
+@app.command()
+def verify(config: Optional[Path] = ConfigOpt, guest: Optional[list[str]] = typer.Option(None, "--guest", help="only these guests"),
+           lab_prefix: str = typer.Option("sglab-", "--lab-prefix", help="namespace prefix of a running lab (`segguard lab up`)"),
+           as_json: bool = JsonOpt) -> None:
+    """Send real packets and report, per expectation, what arrived where.
+
+    Runs from inside each legacy guest's namespace of a running lab."""
+    from segguard.verify.lab import verify_lab
+
+    results = verify_lab(config, lab_prefix, guests=guest)
+    _render_results(results, as_json)
+
+
+def _render_results(results, as_json: bool) -> None:
+    from segguard.errors import VerifyFailed
+    from segguard.report import console
+
+    failed = [r for r in results if not r["pass"]]
+    if as_json:
+        _out(json.dumps({"passed": len(results) - len(failed), "failed": len(failed), "results": results}, indent=2, sort_keys=True))
+    else:
+        console.print(_results_table(results))
+        _out(f"{len(results) - len(failed)} expectations held, {len(failed)} failed")
+    if failed or not results:
+        raise VerifyFailed(f"{len(failed)} of {len(results)} expectations did not hold" if results else "no expectation was checked")
+
+
+def _results_table(results):
+    from segguard.report import results_table
+
+    return results_table(results)
+
+
+@lab_app.command("up")
+def lab_up(prefix: str = typer.Option("sglab-", "--prefix"), config: Optional[Path] = ConfigOpt) -> None:
+    """Build the lab namespaces and apply the example config in the hypervisor namespace."""
+    from segguard.verify.lab import lab_up as up
+
+    lab = up(prefix, config)
+    _out(f"lab up: namespaces {', '.join(h.ns for h in lab.hosts)}")
+
+
+@lab_app.command("down")
+def lab_down(prefix: str = typer.Option("sglab-", "--prefix")) -> None:
+    """Delete every lab namespace with this prefix."""
+    from segguard.lab.topology import destroy
+
+    destroy(prefix)
+    _out("lab down")
+
+
+@lab_app.command("run")
+def lab_run(prefix: str = typer.Option("sglab-", "--prefix"), config: Optional[Path] = ConfigOpt,
+            keep: bool = typer.Option(False, "--keep", help="leave the lab up afterwards"), as_json: bool = JsonOpt) -> None:
+    """Build the lab, apply the example config, verify from inside the legacy guests,
+    show the ordinary guest still reaching the internet, and tear it all down."""
+    from segguard.verify.lab import lab_run as run
+
+    results = run(prefix, config, keep=keep)
+    _render_results(results, as_json)
+
+
+def main() -> None:
+    try:
+        # standalone: typer/click turn usage errors into exit 2 and typer.Exit into its code
+        app(standalone_mode=True)
+    except SegguardError as exc:
+        _fail(exc)
+
+
+def _fail(exc: SegguardError) -> None:
+    if isinstance(exc, ConfigError):
+        for p in exc.problems:
+            sys.stderr.write(f"{p}\n")
+        sys.stderr.write(f"segguard: configuration invalid ({len(exc.problems)} problems); nothing was applied\n")
+    else:
+        sys.stderr.write(f"segguard: {exc}\n")
+        if isinstance(exc, ApplyError):
+            for d in exc.details:
+                sys.stderr.write(f"  {d}\n")
+            if exc.batch is not None:
+                dump = Path("/run/segguard/failed-batch.json")
+                try:
+                    dump.parent.mkdir(parents=True, exist_ok=True)
+                    dump.write_text(json.dumps(exc.batch, indent=1))
+                    sys.stderr.write(f"  the exact batch sent is in {dump}; the previous policy is still in force\n")
+                except OSError:
+                    pass
+    sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Which port each legacy guest is on: explicit `port`, else libvirt's interface target,
+else libvirt's tap MAC convention (host side = guest MAC with first octet fe).
+An unbound guest is still enforced: its MAC is dropped on every port (fail closed)."""
+from __future__ import annotations
+
+from segguard.config.validate import Config
+from segguard.host import HostFacts
+from segguard.plan import Binding
+
+
+def tap_mac(guest_mac: str) -> str:
+    return "fe" + guest_mac[2:]
+
+
+def bind_guests(config: Config, facts: HostFacts) -> tuple[list[Binding], list[str]]:
+    libvirt = dict(facts.libvirt_ports)
+    bindings: list[Binding] = []
+    warnings: list[str] = []
+    for lp, guest in sorted(config.guests(), key=lambda pg: pg[1].name):
+        prof = lp.profile
+        bridge = facts.bridge(prof.bridge)
+        port, source = None, "unbound"
+        if guest.port:
+            port, source = guest.port, "profile"
+        elif guest.mac in libvirt:
+            port, source = libvirt[guest.mac], "libvirt"
+        elif bridge is not None:
+            match = [p.name for p in bridge.ports if p.mac == tap_mac(guest.mac)]
+            if len(match) == 1:
+                port, source = match[0], "tap-mac"
+            elif len(match) > 1:
+                warnings.append(f"guest {guest.name}: ports {', '.join(match)} all carry tap MAC {tap_mac(guest.mac)}; left unbound (its MAC is dropped everywhere)")
+        if bridge is None:
+            warnings.append(f"guest {guest.name}: bridge {prof.bridge} does not exist on this host (rules are loaded anyway and apply once it does)")
+        elif port and port not in {p.name for p in bridge.ports}:
+            warnings.append(f"guest {guest.name}: port {port} is not on bridge {prof.bridge} now (rules keyed on it take effect when it appears)")
+        if port is None:
+            warnings.append(f"guest {guest.name}: no port found (set guests[].port, or start it under libvirt); its MAC {guest.mac} is dropped on every port until bound")
+        bindings.append(Binding(
+            profile=prof.name, guest=guest.name, mac=guest.mac, bridge=prof.bridge, port=port, source=source,
+            ipv4=tuple(str(a) for a in guest.ipv4), ipv6=tuple(str(a) for a in guest.ipv6), mode=prof.mode,
+        ))
+    return bindings, warnings

@@ -1,0 +1,97 @@
+"""The one road every driver (CLI, lab, agent) takes: load -> facts -> compile ->
+apply -> read back. Kept free of output formatting; the CLI renders the results."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from segguard.compile import compile_plan
+from segguard.config.validate import Config, load_config
+from segguard.host import HostFacts
+from segguard.plan import TABLE, Plan
+
+STATE_DIR = Path(os.environ.get("SEGGUARD_STATE", "/run/segguard"))
+
+
+@contextmanager
+def writer_lock(state_dir: Path | None = None) -> Iterator[None]:
+    """One lock for every writer (apply, lab, agent): transactions never interleave.
+    Per network namespace, since each namespace has its own nftables."""
+    d = state_dir or _ns_state_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / "lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _ns_state_dir() -> Path:
+    try:
+        ns = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        ns = 0
+    return STATE_DIR / f"netns-{ns}"
+
+
+def live_facts(config: Config) -> HostFacts:
+    from segguard.host.netlink import read_host_facts
+
+    return read_host_facts([lp.profile.bridge for lp in config.profiles])
+
+
+def build_plan(config_dir: str | None, facts: HostFacts | None = None) -> tuple[Config, HostFacts, Plan]:
+    config = load_config(config_dir)
+    facts = facts if facts is not None else live_facts(config)
+    return config, facts, compile_plan(config, facts)
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    changed: bool
+    plan: Plan
+    seconds: float
+
+
+def apply_plan(plan: Plan, dry_run: bool = False) -> ApplyResult:
+    from segguard.apply.nftables import NftablesApplier
+
+    start = time.monotonic()
+    applier = NftablesApplier()
+    if dry_run:
+        return ApplyResult(not applier.diff(plan).empty, plan, time.monotonic() - start)
+    with writer_lock():
+        changed = applier.apply(plan)
+        record_applied(plan)
+    return ApplyResult(changed, plan, time.monotonic() - start)
+
+
+def record_applied(plan: Plan) -> None:
+    """Keep the last applied plan, so `status` can say what was meant, not only what is."""
+    d = _ns_state_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / "applied.json.tmp"
+    tmp.write_text(plan.to_json())
+    tmp.replace(d / "applied.json")
+
+
+def last_applied() -> dict | None:
+    p = _ns_state_dir() / "applied.json"
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def remove(table: str = TABLE) -> bool:
+    from segguard.apply.nftables import NftablesApplier
+
+    with writer_lock():
+        return NftablesApplier().remove(table)

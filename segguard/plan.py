@@ -1,0 +1,51 @@
+"""The compiled plan: pure data, deterministic, diffable.
+
+`desired` plans come from the compiler; the nftables applier reads the live table back
+into the same shape (`realized`) so the two compare with ==.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+TABLE = "segguard"
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Where one legacy guest is plugged in, and how we know."""
+
+    profile: str
+    guest: str
+    mac: str
+    bridge: str
+    port: str | None
+    source: str  # profile | libvirt | tap-mac | unbound
+    ipv4: tuple[str, ...]
+    ipv6: tuple[str, ...]
+    mode: str  # enforce | audit
+
+
+@dataclass(frozen=True)
+class Plan:
+    table: str
+    stateful: bool                 # ct state (nf_conntrack_bridge) vs stateless reply rules
+    bindings: tuple[Binding, ...]
+    nft: tuple[dict[str, Any], ...]  # the objects of our one table, in creation order
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "table": self.table,
+            "stateful": self.stateful,
+            "bindings": [asdict(b) for b in self.bindings],
+            "warnings": list(self.warnings),
+            "nft": list(self.nft),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
+
+    def binding(self, guest: str) -> Binding | None:
+        return next((b for b in self.bindings if b.guest == guest), None)

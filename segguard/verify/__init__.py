@@ -1,0 +1,1 @@
+"""Verification: prove a wall with real frames (probes, workers, expectations)."""
