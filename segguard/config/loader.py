@@ -79,6 +79,9 @@ class _Loader(yaml.SafeLoader):
     """
 
 
+# own copy first: the inherited dict is SafeLoader's, and editing it in place would
+# change yaml.safe_load for the whole process (plain ints would load as strings)
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 for first, resolvers in list(_Loader.yaml_implicit_resolvers.items()):
     _Loader.yaml_implicit_resolvers[first] = [
         (tag, regexp) for tag, regexp in resolvers

@@ -22,7 +22,8 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from pyroute2 import IPRoute, netns as _pr_netns
+from pyroute2 import IPRoute
+from pyroute2 import netns as _pr_netns
 
 NETNS_DIR = Path("/run/netns")
 IFNAMSIZ_MAX = 15  # kernel IFNAMSIZ is 16 including the NUL

@@ -209,6 +209,12 @@ _QUIET_DEFAULTS = {
     "net.ipv6.conf.default.accept_ra": 0,
     "net.ipv6.conf.default.autoconf": 0,
     "net.ipv6.conf.default.router_solicitations": 0,
+    # Unsolicited IGMP/MLD reports repeat ~1 s apart after link-up; squeeze
+    # them into the build so they are over before the first probe batch.
+    "net.ipv4.conf.default.igmpv2_unsolicited_report_interval": 1,
+    "net.ipv4.conf.default.igmpv3_unsolicited_report_interval": 1,
+    "net.ipv6.conf.default.mldv1_unsolicited_report_interval": 1,
+    "net.ipv6.conf.default.mldv2_unsolicited_report_interval": 1,
     "net.ipv6.conf.all.accept_dad": 0,
     "net.ipv6.conf.all.accept_ra": 0,
     "net.ipv6.conf.all.autoconf": 0,

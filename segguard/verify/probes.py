@@ -150,15 +150,14 @@ def _l3(probe: Probe, marker: bytes) -> tuple[bytes, int, bool]:
     # scapy costs ~1 s to import; only the orchestrator pays, never the workers.
     from scapy.layers.inet import ICMP, IP, TCP, UDP
     from scapy.layers.inet6 import (
-        ICMPv6EchoRequest,
         ICMPv6EchoReply,
+        ICMPv6EchoRequest,
         ICMPv6Unknown,
         IPv6,
         IPv6ExtHdrDestOpt,
         IPv6ExtHdrFragment,
         IPv6ExtHdrHopByHop,
         IPv6ExtHdrRouting,
-        _ICMPv6,
     )
     from scapy.layers.l2 import ARP
     from scapy.packet import Packet, Raw
@@ -228,6 +227,7 @@ def _l3(probe: Probe, marker: bytes) -> tuple[bytes, int, bool]:
     if probe.ip_proto is not None:
         # the last header's next-header field names the (missing) L4 protocol
         last = pkt.getlayer(len(exts)) if exts else pkt
+        assert last is not None
         last.nh = probe.ip_proto
     return bytes(pkt), ETH_P_IPV6, True
 
@@ -325,7 +325,8 @@ class _Worker:
                     raise ProbeError(f"worker {self.label} exited: {self._stderr()}")
                 self._buf += chunk
         line, self._buf = self._buf.split(b"\n", 1)
-        return json.loads(line)
+        reply: dict[str, Any] = json.loads(line)
+        return reply
 
     def call(self, obj: Mapping[str, Any], timeout: float = 10.0) -> dict[str, Any]:
         self.send(obj)
@@ -504,11 +505,11 @@ class ProbeSession:
         for name, w in sink_workers.items():
             got = collected[id(w)]
             sink_frames[name] = int(got["frames"])
-            for marker, info in got["markers"].items():
-                pid = by_marker.get(marker)
-                if pid is None:
+            for seen_marker, info in got["markers"].items():
+                owner = by_marker.get(seen_marker)
+                if owner is None:
                     continue  # a late frame from an earlier batch
-                seen_at[pid][name] = Sighting(
+                seen_at[owner][name] = Sighting(
                     count=int(info["count"]),
                     pkttypes=tuple(info["pkttypes"]),
                     vlans=tuple((int(t), int(c)) for t, c in info["vlans"]),

@@ -1,0 +1,160 @@
+"""Real rules in a real kernel, judged by real packets (host kernel, root)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from segguard.apply.nftables import Nft, NftablesApplier
+from segguard.errors import ApplyError
+from segguard.lab import netns as nl
+from segguard.plan import Plan
+from segguard.verify.lab import LAB_CONFIG, apply_in_lab, verify_lab
+from segguard.verify.probes import Probe, ProbeSession
+
+pytestmark = pytest.mark.netns
+SEGGUARD = [sys.executable, "-m", "segguard.cli"]
+
+
+def in_hv(lab, fn):
+    with nl.enter_netns(lab.topology.hv_ns):
+        return fn()
+
+
+def segguard_in(ns: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "netns", "exec", ns, *SEGGUARD, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_example_config_verifies_and_the_verifier_sees_a_missing_wall(lab, lab_prefix):
+    config, plan, result = apply_in_lab(lab.topology, None)
+    assert result.changed
+    results = verify_lab(None, lab_prefix, lab_extras=True)
+    failed = [r for r in results if not r["pass"]]
+    assert not failed, failed
+    cats = {r["category"] for r in results}
+    assert {"guard-rail", "allow", "default", "anti-spoof", "lab"} <= cats
+    # every blocked verdict had a control that arrived
+    assert all(r["control"] == "arrived" for r in results if r["expected"] == "blocked" and r["control"])
+    assert any(r["id"] == "lab/ordinary-guest-internet/v4" and r["pass"] for r in results)
+
+    # Take the wall down: the same verifier must now report the guard rails broken.
+    assert in_hv(lab, lambda: NftablesApplier().remove(plan.table))
+    broken = {r["id"]: r for r in verify_lab(None, lab_prefix)}
+    for key in ("xp-line3-hmi/guard-rail/internet/tcp4", "xp-line3-hmi/guard-rail/hypervisor/tcp4",
+                "scada-line4-srv/guard-rail/domain-controller/udp6", "xp-line3-hmi/anti-spoof/vlan-mgmt/v4",
+                "xp-line3-hmi/anti-spoof/llc-snap/v4", "scada-line4-srv/anti-spoof/spoofed-ip/v6"):
+        assert broken[key]["observed"] == "arrived" and not broken[key]["pass"], broken[key]
+
+
+def test_reapply_changes_nothing_and_other_tables_are_untouched(lab):
+    foreign = {"nftables": [
+        {"add": {"table": {"family": "bridge", "name": "sgt_foreign"}}},
+        {"add": {"chain": {"family": "bridge", "table": "sgt_foreign", "name": "fwd", "type": "filter",
+                           "hook": "forward", "prio": 0, "policy": "accept"}}},
+        {"add": {"rule": {"family": "bridge", "table": "sgt_foreign", "chain": "fwd",
+                          "expr": [{"counter": None}, {"accept": None}]}}},
+        {"add": {"table": {"family": "inet", "name": "sgt_libvirt_like"}}},
+    ]}
+
+    def setup_and_list():
+        nft = Nft()
+        nft.run(foreign, "foreign tables")
+        return nft.raw({"nftables": [{"list": {"table": {"family": "inet", "name": "sgt_libvirt_like"}}}]})[0]
+
+    assert in_hv(lab, setup_and_list) == 0
+    _, plan, first = apply_in_lab(lab.topology, None)
+    _, _, second = apply_in_lab(lab.topology, None)
+    assert first.changed and not second.changed
+
+    def foreign_still_there():
+        nft = Nft()
+        return nft.list_table("sgt_foreign"), nft.raw({"nftables": [{"list": {"table": {"family": "inet", "name": "sgt_libvirt_like"}}}]})[0]
+
+    table, rc = in_hv(lab, foreign_still_there)
+    assert rc == 0 and table is not None
+    assert [o for o in table if "rule" in o], "the foreign rule survived"
+
+
+def test_bad_config_is_rejected_with_file_line_and_old_policy_stays(lab, tmp_path):
+    _, good_plan, _ = apply_in_lab(lab.topology, None)
+    bad = tmp_path / "cfg"
+    shutil.copytree(LAB_CONFIG, bad)
+    prof = bad / "profiles" / "xp-line3.yaml"
+    prof.write_text(prof.read_text().replace("{to: historian_db,", "{to: no_such_group,"))
+    proc = segguard_in(lab.topology.hv_ns, "apply", "-c", str(bad))
+    assert proc.returncode == 2, proc.stderr
+    line = next(i for i, l in enumerate(prof.read_text().splitlines(), 1) if "no_such_group" in l)
+    assert f"xp-line3.yaml:{line}: egress[0].to: unknown group 'no_such_group'" in proc.stderr
+    assert in_hv(lab, lambda: NftablesApplier().diff(good_plan).empty)
+
+
+def test_kernel_refusal_leaves_the_previous_policy_whole(lab):
+    _, good_plan, _ = apply_in_lab(lab.topology, None)
+    broken_rule = {"rule": {"family": "bridge", "table": good_plan.table, "chain": "prerouting",
+                            "expr": [{"jump": {"target": "no_such_chain"}}]}}
+    bad = Plan(good_plan.table, good_plan.stateful, good_plan.bindings, (*good_plan.nft, broken_rule))
+
+    def try_bad():
+        with pytest.raises(ApplyError) as info:
+            NftablesApplier().apply(bad)
+        return info.value, NftablesApplier().diff(good_plan).empty
+
+    err, unchanged = in_hv(lab, try_bad)
+    assert err.batch is not None and "no_such_chain" in json.dumps(err.batch)
+    assert unchanged, "a refused transaction must leave the old table exactly as it was"
+
+
+def _fdb_port_of(ns: str, mac: str) -> str | None:
+    out = subprocess.run(["ip", "netns", "exec", ns, "bridge", "-j", "fdb", "show", "br", "br0"],
+                         capture_output=True, text=True, check=True).stdout
+    for e in json.loads(out or "[]"):
+        if e.get("mac") == mac:
+            return e.get("ifname")
+    return None
+
+
+def test_spoofed_source_mac_is_never_learned_into_the_fdb(lab):
+    apply_in_lab(lab.topology, None)
+    topo = lab.topology
+    xp, guest, app = topo.host("xp"), topo.host("guest"), topo.host("app")
+    forged = "52:54:00:77:77:77"
+    # the lab keeps learning off so probes cannot re-point its FDB; a real tap learns
+    for port in (xp.port, guest.port):
+        subprocess.run(["ip", "netns", "exec", topo.hv_ns, "ip", "link", "set", "dev", port, "type", "bridge_slave",
+                        "learning", "on"], check=True)
+    eps = {"xp": topo.sink("xp"), "guest": topo.sink("guest"), "app": topo.sink("app")}
+    with ProbeSession(eps, eps, settle=0.3) as s:
+        frame = dict(kind="udp", dst_mac=app.mac, src_ip=xp.ip4, dst_ip=app.ip4, dport=9)
+        res = s.run([("xp", "xp", Probe(src_mac=forged, **frame), ["app"]),
+                     ("ctl", "guest", Probe(src_mac="52:54:00:77:77:78", **{**frame, "src_ip": guest.ip4}), ["app"])])
+    assert res == {"xp": {"app": False}, "ctl": {"app": True}}
+    # the unrestricted port learned its (forged) source; the legacy port learned nothing
+    assert _fdb_port_of(topo.hv_ns, "52:54:00:77:77:78") == guest.port
+    assert _fdb_port_of(topo.hv_ns, forged) is None
+
+
+def test_cli_status_and_plan_against_the_live_kernel(lab):
+    hv = lab.topology.hv_ns
+    cfg = str(LAB_CONFIG)
+    assert segguard_in(hv, "plan", "-c", cfg).returncode == 10  # nothing applied yet
+    applied = segguard_in(hv, "apply", "-c", cfg)
+    assert applied.returncode == 0, applied.stderr
+    assert "applied: table bridge segguard, 2 legacy guests, stateless reply rules" in applied.stdout
+    again = segguard_in(hv, "apply", "-c", cfg)
+    assert again.stdout.startswith("unchanged"), again.stdout
+    plan = segguard_in(hv, "plan", "-c", cfg)
+    assert plan.returncode == 0 and "no changes" in plan.stdout
+    st = json.loads(segguard_in(hv, "status", "-c", cfg, "--json").stdout)
+    assert st["in_sync"] and st["table_present"]
+    assert st["reply_mode_live"] == "stateless" and st["conntrack_bridge_available"] is False
+    assert {g["guest"]: (g["port"], g["source"]) for g in st["guests"]} == {
+        "xp-line3-hmi": ("vnet7", "profile"), "scada-line4-srv": ("vnet8", "tap-mac")}
+    # drift: a rule deleted by hand shows up in status and plan
+    subprocess.run(["ip", "netns", "exec", hv, "nft", "flush", "chain", "bridge", "segguard", "pout_xp_line3"], check=True)
+    st2 = segguard_in(hv, "status", "-c", cfg)
+    assert st2.returncode == 1 and "DRIFT" in st2.stdout
+    assert segguard_in(hv, "plan", "-c", cfg).returncode == 10
