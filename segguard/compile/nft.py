@@ -201,7 +201,6 @@ def _profile_chains(t: _Table, lp: LoadedProfile, sets, ad_ports: str, stateful:
     v = _Verdicts(prof.name, prof.mode == "audit")
     pid = ident(prof.name)
     out_c, in_c = t.chain(f"pout_{pid}"), t.chain(f"pin_{pid}")
-    ip = {4: "ip", 6: "ip6"}
     peers = {r: _peer_sets(t, lp, r) for r in (*lp.egress, *lp.ingress)}
 
     # ------------------------------------------------------------------ guest -> out
@@ -220,30 +219,14 @@ def _profile_chains(t: _Table, lp: LoadedProfile, sets, ad_ports: str, stateful:
         t.rule(out_c, [f.ct_state("invalid"), *v.drop("ct-invalid")])
         t.rule(out_c, [f.ct_state("established", "related"), f.ACCEPT], "replies to flows let in (conntrack)")
     _fragments(t, out_c, lp, peers, "daddr", v)
-    for r in lp.egress:
-        for family, peer in zip((4, 6), peers[r]):
-            if peer is None:
-                continue
-            l4 = _l4(r, family, "dport") if r.proto != "icmp" else _icmp_type(family, "echo-request", "echo-request")
-            new = [f.ct_state("new")] if stateful else []
-            t.rule(out_c, [f.match(f.payload(ip[family], "daddr"), peer), *l4, *new, f.ACCEPT], r.label)
-    if not stateful:
-        for r in lp.ingress:
-            for family, peer in zip((4, 6), peers[r]):
-                if peer is None:
-                    continue
-                dst = f.match(f.payload(ip[family], "daddr"), peer)
-                if r.proto == "tcp":
-                    # a reply has ACK set; a bare SYN from the service port is a new flow
-                    t.rule(out_c, [dst, *_l4(r, family, "sport"), f.match(f.bitand(f.payload("tcp", "flags"), "ack"), "ack"), f.ACCEPT], "reply: " + r.label)
-                elif r.proto == "udp":
-                    t.rule(out_c, [dst, *_l4(r, family, "sport"), f.ACCEPT], "reply: " + r.label)
-                else:
-                    t.rule(out_c, [dst, *_icmp_type(family, "echo-reply", "echo-reply"), f.ACCEPT], "reply: " + r.label)
-                errors = ICMP_ERRORS4 if family == 4 else ICMP_ERRORS6
-                t.rule(out_c, [dst, f.match(f.payload("icmp" if family == 4 else "icmpv6", "type"), {"set": errors}), f.ACCEPT], "icmp errors: " + r.label)
+    _opened_flows(t, out_c, lp.egress, peers, "daddr", stateful)
     if prof.block.domain:
+        # after the egress rules (which may name an AD port to a host explicitly), before
+        # the stateless replies: a forged "reply" from a service port must not reach
+        # an AD port of the rule's peer either
         t.rule(out_c, [f.match(f.meta("l4proto"), {"set": ["tcp", "udp"]}), f.match(f.payload("th", "dport"), ad_ports), *v.drop("ad-port")], "AD protocol ports (block.domain)")
+    if not stateful:
+        _stateless_replies(t, out_c, lp.ingress, peers, "daddr")
     t.rule(out_c, v.drop("default-deny") if prof.default == "deny" else [f.ACCEPT], f"default: {prof.default}")
 
     # ------------------------------------------------------------------- in -> guest
@@ -254,28 +237,42 @@ def _profile_chains(t: _Table, lp: LoadedProfile, sets, ad_ports: str, stateful:
         t.rule(in_c, [f.ct_state("invalid"), *v.drop("ct-invalid")])
         t.rule(in_c, [f.ct_state("established", "related"), f.ACCEPT], "replies to flows the guest opened (conntrack)")
     _fragments(t, in_c, lp, peers, "saddr", v)
-    for r in lp.ingress:
+    _opened_flows(t, in_c, lp.ingress, peers, "saddr", stateful)
+    if not stateful:
+        _stateless_replies(t, in_c, lp.egress, peers, "saddr")
+    t.rule(in_c, v.drop("default-deny") if prof.default == "deny" else [f.ACCEPT], f"default: {prof.default}")
+
+
+def _opened_flows(t: _Table, c: str, rules, peers, field: str, stateful: bool) -> None:
+    """Flows this side opens to (or from) a rule's peers, on the rule's service ports."""
+    ip = {4: "ip", 6: "ip6"}
+    for r in rules:
         for family, peer in zip((4, 6), peers[r]):
             if peer is None:
                 continue
             l4 = _l4(r, family, "dport") if r.proto != "icmp" else _icmp_type(family, "echo-request", "echo-request")
             new = [f.ct_state("new")] if stateful else []
-            t.rule(in_c, [f.match(f.payload(ip[family], "saddr"), peer), *l4, *new, f.ACCEPT], r.label)
-    if not stateful:
-        for r in lp.egress:
-            for family, peer in zip((4, 6), peers[r]):
-                if peer is None:
-                    continue
-                src = f.match(f.payload(ip[family], "saddr"), peer)
-                if r.proto == "tcp":
-                    t.rule(in_c, [src, *_l4(r, family, "sport"), f.match(f.bitand(f.payload("tcp", "flags"), "ack"), "ack"), f.ACCEPT], "reply: " + r.label)
-                elif r.proto == "udp":
-                    t.rule(in_c, [src, *_l4(r, family, "sport"), f.ACCEPT], "reply: " + r.label)
-                else:
-                    t.rule(in_c, [src, *_icmp_type(family, "echo-reply", "echo-reply"), f.ACCEPT], "reply: " + r.label)
-                errors = ICMP_ERRORS4 if family == 4 else ICMP_ERRORS6
-                t.rule(in_c, [src, f.match(f.payload("icmp" if family == 4 else "icmpv6", "type"), {"set": errors}), f.ACCEPT], "icmp errors: " + r.label)
-    t.rule(in_c, v.drop("default-deny") if prof.default == "deny" else [f.ACCEPT], f"default: {prof.default}")
+            t.rule(c, [f.match(f.payload(ip[family], field), peer), *l4, *new, f.ACCEPT], r.label)
+
+
+def _stateless_replies(t: _Table, c: str, rules, peers, field: str) -> None:
+    """Without conntrack: replies to the flows the other side opened, only to/from that
+    rule's peers and only from its service port; for TCP only with ACK set, so a bare
+    SYN from the service port (a new flow) is not a reply."""
+    ip = {4: "ip", 6: "ip6"}
+    for r in rules:
+        for family, peer in zip((4, 6), peers[r]):
+            if peer is None:
+                continue
+            who = f.match(f.payload(ip[family], field), peer)
+            if r.proto == "tcp":
+                t.rule(c, [who, *_l4(r, family, "sport"), f.match(f.bitand(f.payload("tcp", "flags"), "ack"), "ack"), f.ACCEPT], "reply: " + r.label)
+            elif r.proto == "udp":
+                t.rule(c, [who, *_l4(r, family, "sport"), f.ACCEPT], "reply: " + r.label)
+            else:
+                t.rule(c, [who, *_icmp_type(family, "echo-reply", "echo-reply"), f.ACCEPT], "reply: " + r.label)
+            errors = ICMP_ERRORS4 if family == 4 else ICMP_ERRORS6
+            t.rule(c, [who, f.match(f.payload("icmp" if family == 4 else "icmpv6", "type"), {"set": errors}), f.ACCEPT], "icmp errors: " + r.label)
 
 
 def _guard_rails(t: _Table, c: str, prof, sets, field: str, v: _Verdicts) -> None:

@@ -15,7 +15,7 @@ Deliberate deviations from a default Linux bridge, all for deterministic probes:
 * br_netfilter's ``bridge-nf-call-*`` are off in the hypervisor namespace
   (Debian does not load br_netfilter by default).  With them on, bridged IP
   would also traverse the ip/ip6 hooks and be trimmed/validated there, so the
-  lab would no longer test bridge-family rules alone.  ``Lab.build(...,
+  lab would no longer test bridge-family rules alone.  ``build(...,
   br_netfilter=True)`` keeps the kernel default for experiments.
 * the router and every host hold permanent neighbour entries for each other,
   so routed probes never depend on ARP/ND that a wall under test might block.
@@ -57,6 +57,7 @@ class Host:
     port: str | None  # bridge port (hv ns) or router leg (rtr ns) facing this host
     port_mac: str | None = None
     segment: str = "br0"  # "br0", "mgmt" or "inet": which L2 segment eth0 sits on
+    domain: str | None = None  # libvirt domain name the host stands for, if any
 
     @property
     def ip4(self) -> str | None:
@@ -91,8 +92,12 @@ class LabTopology:
     bridge: str = BRIDGE
 
     def host(self, role: str) -> Host:
+        """Look a host up by role ("hypervisor", "router", ...) or ns suffix ("hv", "rtr")."""
         for h in self.hosts:
             if h.role == role:
+                return h
+        for h in self.hosts:
+            if h.ns == self.prefix + role:
                 return h
         raise KeyError(f"no lab host with role {role!r}; roles: {', '.join(self.roles)}")
 
@@ -175,13 +180,15 @@ def plan(prefix: str = DEFAULT_PREFIX) -> LabTopology:
         raise ValueError(f"lab prefix must be 1..{MAX_PREFIX_LEN} chars without '/': {prefix!r}")
     p = prefix
 
-    def bridged(role: str, suffix: str, port: str, mac: str, v4: str, v6: str | None) -> Host:
-        return Host(role, p + suffix, HOST_IFACE, mac, v4, v6, port, _mac_port(mac))
+    def bridged(role: str, suffix: str, port: str, mac: str, v4: str, v6: str | None,
+                domain: str | None = None) -> Host:
+        return Host(role, p + suffix, HOST_IFACE, mac, v4, v6, port, _mac_port(mac), domain=domain)
 
     hosts = (
         Host("hypervisor", p + "hv", BRIDGE, "52:54:00:00:00:01", "10.30.0.1/24", "fd00:30::1/64", None),
-        bridged("xp", "xp", "vnet7", "52:54:00:aa:00:01", "10.30.0.15/24", None),
-        bridged("scada", "scada", "vnet8", "52:54:00:aa:00:02", "10.30.0.16/24", "fd00:30::16/64"),
+        bridged("xp", "xp", "vnet7", "52:54:00:aa:00:01", "10.30.0.15/24", None, "xp-line3-hmi"),
+        bridged("scada", "scada", "vnet8", "52:54:00:aa:00:02", "10.30.0.16/24", "fd00:30::16/64",
+                "scada-line4"),
         bridged("guest", "guest", "vnet9", "52:54:00:bb:00:01", "10.30.0.50/24", "fd00:30::50/64"),
         bridged("dc", "dc", "dc0", "52:54:00:cc:00:10", "10.30.0.10/24", "fd00:30::10/64"),
         bridged("app", "app", "app0", "52:54:00:cc:00:20", "10.30.0.20/24", "fd00:30::20/64"),

@@ -166,6 +166,10 @@ def _for_guest(config: Config, lp: LoadedProfile, b: Binding, neighbours: dict[i
             else:
                 reply = Intent("guest", f"addr:{peer}", r.proto, fam, peer, sport=port, dport=40000, flags="SA")
             add("allow", f"{r.direction}{r.index}/{r.proto}{fam}/reply", f"{r.label}: reply guest -> {peer} arrives", "arrives", reply, after=in_probe)
+            if r.proto == "tcp" and prof.block.domain:
+                add("anti-spoof", f"{r.direction}{r.index}/tcp{fam}/reply-to-ad-port",
+                    f"a forged 'reply' from service port {port} to AD port 445 of {peer} is blocked", "blocked",
+                    Intent("guest", f"addr:{peer}", "tcp", fam, peer, sport=port, dport=445, flags="A"))
 
         # ---- the default, AD ports on a host that is not a DC, reply-rule abuse ---
         neighbour = neighbours.get(fam)

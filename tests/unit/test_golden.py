@@ -57,5 +57,5 @@ def test_golden_cases_say_what_they_show():
     assert {b["source"] for b in plans["lab-example"]["bindings"]} == {"profile", "tap-mac"}
     assert [b["source"] for b in plans["unbound-guest"]["bindings"]] == ["unbound"]
     assert "audit" in {b["mode"] for b in plans["audit-mode"]["bindings"]}
-    assert plans["no-profiles"]["bindings"] == [] and not any("rule" in o and o["rule"]["chain"].startswith("p")
+    assert plans["no-profiles"]["bindings"] == [] and not any("rule" in o and o["rule"]["chain"].startswith(("pout_", "pin_", "out_"))
                                                             for o in plans["no-profiles"]["nft"])
