@@ -40,4 +40,16 @@ def bind_guests(config: Config, facts: HostFacts) -> tuple[list[Binding], list[s
             profile=prof.name, guest=guest.name, mac=guest.mac, bridge=prof.bridge, port=port, source=source,
             ipv4=tuple(str(a) for a in guest.ipv4), ipv6=tuple(str(a) for a in guest.ipv6), mode=prof.mode,
         ))
+    # Two guests resolved to one port (an explicit port that libvirt reports for another
+    # guest's MAC, say): neither can be trusted to own it, so both stay unbound and
+    # their MACs are dropped everywhere until the host facts agree again.
+    from collections import Counter
+    from dataclasses import replace
+
+    shared = {port for port, n in Counter(b.port for b in bindings if b.port).items() if n > 1}
+    for i, b in enumerate(bindings):
+        if b.port in shared:
+            others = ", ".join(o.guest for o in bindings if o.port == b.port and o is not b)
+            warnings.append(f"guest {b.guest}: port {b.port} is also claimed by {others}; left unbound (its MAC is dropped everywhere)")
+            bindings[i] = replace(b, port=None, source="unbound")
     return bindings, warnings

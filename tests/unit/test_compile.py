@@ -452,11 +452,13 @@ def test_allow_rule_matches_peer_set_and_port():
     assert elems(plan, "set", "p_scada_line4_i0_4") == ["10.30.0.30"]
 
 
-@pytest.mark.xfail(strict=True, reason="compile bug: bind.py lets two guests resolve to one port "
-                   "(explicit port of one == libvirt/tap port of another): duplicate vmap keys, no warning")
 def test_two_guests_never_share_a_dispatch_key(tmp_path):
+    """Explicit port of one == libvirt port of another: both unbound, warned, fail closed."""
     gs = [{**guest(1), "port": "vnet5"}, guest(2, port=False)]
     facts = HostFacts(libvirt_ports=(("52:54:00:00:00:02", "vnet5"),))
     plan = compile_plan(load_config(write_config(tmp_path, {"p": profile("p", gs)})), facts)
     keys = [k for k, _ in elems(plan, "map", "out_dispatch")]
     assert len(keys) == len(set(keys)), keys
+    assert "vnet5" not in keys
+    assert all(b.port is None and b.source == "unbound" for b in plan.bindings)
+    assert sum("also claimed by" in w for w in plan.warnings) == 2
