@@ -2,6 +2,7 @@
 from inside the legacy guests' own namespaces, observing at the destinations."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from segguard.errors import LabError
@@ -153,7 +154,11 @@ def run_expectations(topo: LabTopology, plan: Plan, exps: list[Expectation], hos
     senders = {r: (topo.host(r).ns, topo.host(r).iface) for r in roles}
     sinks = {r: topo.sink(r) for r in roles}
     observed: dict[str, bool] = {}
-    with ProbeSession(senders, sinks) as session:
+    # Under emulation (the kernel lab boots qemu without KVM) workers start and frames
+    # travel many times slower; these knobs let such a vantage wait longer.
+    settle = float(os.environ.get("SEGGUARD_PROBE_SETTLE", "0.6"))
+    start_timeout = float(os.environ.get("SEGGUARD_PROBE_START_TIMEOUT", "30"))
+    with ProbeSession(senders, sinks, settle=settle, start_timeout=start_timeout) as session:
         for stage in (stage1, stage2):
             if not stage:
                 continue

@@ -42,6 +42,7 @@ ETH_P_IP, ETH_P_IPV6, ETH_P_ARP = 0x0800, 0x86DD, 0x0806
 ETH_P_LOCAL_EXP = 0x88B5
 IPV6_EXT_HEADERS = ("hbh", "dest", "routing", "frag")
 BROADCAST = "ff:ff:ff:ff:ff:ff"
+PROBE_SEQ = 0x53470000
 
 
 class ProbeError(RuntimeError):
@@ -76,6 +77,7 @@ class Probe:
     sport: int = 40000
     dport: int = 0
     flags: str = "S"
+    ack: int | None = None  # default: PROBE_SEQ + 1 when flags carry A, else 0
     icmp_type: int | None = None  # default: echo request (8, or 128 for IPv6)
     icmp_code: int = 0
     ttl: int = 64
@@ -177,7 +179,11 @@ def _l3(probe: Probe, marker: bytes) -> tuple[bytes, int, bool]:
 
     l4: Packet
     if probe.kind == "tcp":
-        l4 = TCP(sport=probe.sport, dport=probe.dport, flags=probe.flags, seq=0x53470000) / Raw(data)
+        # Every probe SYN starts at PROBE_SEQ, so an ACKing reply (SYN-ACK, ACK) acks
+        # PROBE_SEQ + 1 by default: conntrack's window tracking accepts it as the
+        # answer to the probe flow, which the stateful path needs.
+        ack = probe.ack if probe.ack is not None else ((PROBE_SEQ + 1) if "A" in probe.flags else 0)
+        l4 = TCP(sport=probe.sport, dport=probe.dport, flags=probe.flags, seq=PROBE_SEQ, ack=ack) / Raw(data)
     elif probe.kind == "udp":
         l4 = UDP(sport=probe.sport, dport=probe.dport) / Raw(data)
     elif probe.kind == "icmp":

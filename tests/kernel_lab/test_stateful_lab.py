@@ -3,6 +3,7 @@ by stateless reply rules. Runs in the kernel lab (the host kernel lacks the modu
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -15,6 +16,9 @@ from segguard.verify.lab import LAB_CONFIG, apply_in_lab, verify_lab
 from segguard.verify.probes import Probe, ProbeSession
 
 pytestmark = pytest.mark.kernel_lab
+# qemu without KVM: python workers take seconds to start and frames are slow
+os.environ.setdefault("SEGGUARD_PROBE_SETTLE", "2.5")
+os.environ.setdefault("SEGGUARD_PROBE_START_TIMEOUT", "180")
 
 
 @pytest.fixture
@@ -50,7 +54,7 @@ def test_a_reply_with_no_flow_behind_it_is_dropped(lab):
     syn = Probe(kind="tcp", src_mac=xp.mac, dst_mac=app.mac, src_ip=xp.ip4, dst_ip=app.ip4, sport=41000, dport=1433)
     synack = Probe(kind="tcp", src_mac=app.mac, dst_mac=xp.mac, src_ip=app.ip4, dst_ip=xp.ip4, sport=1433, dport=41000, flags="SA")
     orphan = Probe(kind="tcp", src_mac=app.mac, dst_mac=xp.mac, src_ip=app.ip4, dst_ip=xp.ip4, sport=1433, dport=41001, flags="SA")
-    with ProbeSession(eps, eps, settle=0.5) as s:
+    with ProbeSession(eps, eps, settle=2.5, start_timeout=180) as s:
         first = s.run([("syn", "xp", syn, ["app"]), ("orphan", "app", orphan, ["xp"])])
         second = s.run([("synack", "app", synack, ["xp"])])
     assert first == {"syn": {"app": True}, "orphan": {"xp": False}}
