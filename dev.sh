@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One entry point for people and CI.  Run as root on Debian 12 / Ubuntu 22.04+.
+# One entry point for people and CI.  Run as root on Debian 12 (bookworm): the venv
+# needs its python3 >= 3.11 and python3-nftables, the kernel lab Debian's linux-image-6.1.
 #   ./dev.sh lab    install what is needed, then run the built-in lab (segguard lab run)
 #   ./dev.sh test   install what is needed, then run every test: unit, netns, kernel lab
 #   ./dev.sh setup  only install

@@ -100,9 +100,9 @@ def _for_guest(config: Config, lp: LoadedProfile, b: Binding, neighbours: dict[i
     families = ([4] if b.ipv4 else []) + ([6] if b.ipv6 else [])
     gid = b.guest
 
-    def add(cat: str, key: str, desc: str, expect: str, probe: Intent, control: bool = True, after: Intent | None = None):
-        ctrl = None
-        if expect == "blocked" and control:
+    def add(cat: str, key: str, desc: str, expect: str, probe: Intent, control: bool | Intent = True, after: Intent | None = None):
+        ctrl = control if isinstance(control, Intent) else None
+        if expect == "blocked" and control is True:
             # Towards the guest no source is unrestricted (the guest's own port is
             # filtered), so the control is a frame its policy lets in on the same path
             # to the same sink: ARP from the same sender.
@@ -226,7 +226,8 @@ def _for_guest(config: Config, lp: LoadedProfile, b: Binding, neighbours: dict[i
                 Intent("guest", f"addr:{neighbour}", "udp", 6, neighbour, src_ip="fd00:30::99", dport=9999))
     if neighbour4 := neighbours.get(4) if b.ipv4 else None:
         add("anti-spoof", "foreign-port", "the guest's MAC sent from another port is dropped", "blocked",
-            Intent("unrestricted", f"addr:{neighbour4}", "udp", 4, neighbour4, src_mac=b.mac, dport=9999), control=False)
+            Intent("unrestricted", f"addr:{neighbour4}", "udp", 4, neighbour4, src_mac=b.mac, dport=9999),
+            control=Intent("unrestricted", f"addr:{neighbour4}", "udp", 4, neighbour4, dport=9999))
     return ex
 
 

@@ -1,0 +1,1 @@
+"""Configuration: loading with line numbers, schema, validation."""
