@@ -265,6 +265,27 @@ def destroy(prefix: str) -> None:
     _unregister(prefix)
 
 
+def _silence_resets(ns: str) -> None:
+    """Lab hosts are sinks, not servers: their kernels must not answer a probe SYN to a
+    closed port with a RST, which would tear down the bridge conntrack entry before the
+    probe's own reply is sent and make the stateful path look broken."""
+    import nftables
+
+    batch = {"nftables": [
+        {"add": {"table": {"family": "inet", "name": "sglab_quiet"}}},
+        {"add": {"chain": {"family": "inet", "table": "sglab_quiet", "name": "out", "type": "filter",
+                           "hook": "output", "prio": 0, "policy": "accept"}}},
+        {"add": {"rule": {"family": "inet", "table": "sglab_quiet", "chain": "out", "expr": [
+            {"match": {"op": "in", "left": {"payload": {"protocol": "tcp", "field": "flags"}}, "right": "rst"}},
+            {"drop": None}]}}},
+    ]}
+    with nl.enter_netns(ns):
+        ctx = nftables.Nftables()
+        rc, _, err = ctx.json_cmd(batch)
+    if rc != 0:
+        raise RuntimeError(f"{ns}: cannot install the lab's RST silencer: {err}")
+
+
 def _build(topo: LabTopology, *, br_netfilter: bool) -> None:
     hv = topo.host("hypervisor")
     rtr = topo.host("router")
@@ -276,6 +297,8 @@ def _build(topo: LabTopology, *, br_netfilter: bool) -> None:
             # born without IPv6, so it never emits a single ND/MLD frame.
             defaults["net.ipv6.conf.default.disable_ipv6"] = 1
         nl.write_sysctls(h.ns, defaults)
+        if h.role not in ("hypervisor", "router"):
+            _silence_resets(h.ns)
 
     with nl.ipr(hv.ns) as ip:
         br = nl.create_bridge(ip, BRIDGE, hv.mac)
