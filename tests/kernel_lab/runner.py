@@ -13,7 +13,8 @@ Usage (repo root, as root)::
 Environment:
     SEGGUARD_KERNEL_PKG          image package to use (default: newest linux-image-6.1.0-N-amd64)
     SEGGUARD_KERNEL_CACHE        cache dir (default /var/cache/segguard/kernel-lab)
-    SEGGUARD_KERNEL_LAB_RESULTS  results dir (default <repo>/results/kernel-lab, wiped each run)
+    SEGGUARD_KERNEL_LAB_RESULTS  results root (default <repo>/results/kernel-lab); each run
+                                 gets a fresh run-* dir in it, `last` links the newest
     SEGGUARD_KERNEL_LAB_TIMEOUT  seconds before the guest is killed (default 1200)
     SEGGUARD_KERNEL_LAB_MEMORY   guest memory (default 1G)
     SEGGUARD_VENV                venv whose python and vng are used (default <repo>/.venv)
@@ -114,10 +115,11 @@ def newest_cached(cache: Path) -> Path | None:
 def fetch_kernel(cache: Path) -> Path:
     """Return the extracted package root (holds boot/ and lib/modules/)."""
     cache.mkdir(parents=True, exist_ok=True)
-    try:
+    resolved = resolve_package()
+    if resolved is None and newest_cached(cache) is None:
+        log("apt knows no linux-image-6.1.0-N-amd64; running apt-get update")
+        run(["apt-get", "update", "-qq"])
         resolved = resolve_package()
-    except LabError:
-        raise
     if resolved is None:
         cached = newest_cached(cache)
         if cached is None:
@@ -152,6 +154,8 @@ def fetch_kernel(cache: Path) -> Path:
         if not (tree / "lib/modules" / kver / "modules.dep").exists():
             raise LabError(f"depmod -b {tree} {kver} made no modules.dep:\n{res.stderr}")
         (tree / COMPLETE).write_text(f"{pkg} {ver}\n")
+        if (root / COMPLETE).exists():  # a concurrent run finished first
+            return root
         if root.exists():
             shutil.rmtree(root)
         os.rename(tree, root)
@@ -179,10 +183,19 @@ def link_modules(root: Path, kver: str) -> None:
     elif link.exists():
         log(f"{link} is a real directory (installed kernel?); leaving it alone")
         return
-    link.symlink_to(target)
+    try:
+        link.symlink_to(target)
+    except FileExistsError:  # a concurrent run
+        pass
 
 
 # ---------------------------------------------------------------- guest script
+
+def user_paths(pytest_args: list[str]) -> list[str]:
+    """Positional args naming test paths or node ids (then the user picks the scope)."""
+    return [a for a in pytest_args
+            if not a.startswith("-") and (REPO / a.split("::", 1)[0]).exists()]
+
 
 def host_collect(venv: Path, pytest_args: list[str]) -> list[str] | None:
     """Test files holding selected kernel_lab tests, collected on the host.
@@ -195,11 +208,12 @@ def host_collect(venv: Path, pytest_args: list[str]) -> list[str] | None:
     # then finds the compiled and assertion-rewritten modules instead of redoing them.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     res = run([str(venv / "bin" / "python"), "-m", "pytest", "-p", "no:cacheprovider",
-               "--collect-only", "-q", "-m", "kernel_lab", "tests/", *pytest_args],
+               "--collect-only", "-q", "-m", "kernel_lab",
+               *([] if user_paths(pytest_args) else ["tests/"]), *pytest_args],
               cwd=str(REPO), env=env)
     if res.returncode == 5:
         return []
-    if res.returncode != 0:
+    if res.returncode != 0 or user_paths(pytest_args):
         return None
     files: list[str] = []
     for line in res.stdout.splitlines():
@@ -215,7 +229,9 @@ def guest_script(rw: Path, venv: Path, pytest_args: list[str],
     q = shlex.quote
     py = venv / "bin" / "python"
     pytest_cmd = shlex.join([str(py), "-m", "pytest", "-p", "no:cacheprovider",
-                             "-m", "kernel_lab", *(files or ["tests/"]), *pytest_args])
+                             "-m", "kernel_lab",
+                             *(files or ([] if user_paths(pytest_args) else ["tests/"])),
+                             *pytest_args])
     return f"""#!/bin/sh
 # Written by tests/kernel_lab/runner.py; runs as root inside the lab guest.
 RW={q(str(rw))}
@@ -245,6 +261,26 @@ else
 fi
 mv "$RW/rc.tmp" "$RW/rc"
 """
+
+
+def fresh_results_dir(results: Path, keep: int = 5) -> Path:
+    """A new run dir under results/ (runs may overlap); older finished runs pruned."""
+    results.mkdir(parents=True, exist_ok=True)
+    rw = Path(tempfile.mkdtemp(prefix=time.strftime("run-%Y%m%d-%H%M%S-"), dir=results))
+    rw.chmod(0o755)
+    runs = sorted((p for p in results.glob("run-*") if p.is_dir() and p != rw),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in runs[keep:]:
+        if (old / "rc").exists() or time.time() - old.stat().st_mtime > 7200:
+            shutil.rmtree(old, ignore_errors=True)
+    last = results / "last"
+    try:
+        if last.is_symlink():
+            last.unlink()
+        last.symlink_to(rw.name)
+    except OSError:
+        pass
+    return rw
 
 
 class Tail(threading.Thread):
@@ -285,7 +321,7 @@ def main(argv: list[str]) -> int:
             return 1
         vng = Path(found)
     cache = Path(os.environ.get("SEGGUARD_KERNEL_CACHE", DEFAULT_CACHE))
-    rw = Path(os.environ.get("SEGGUARD_KERNEL_LAB_RESULTS", REPO / "results" / "kernel-lab"))
+    results = Path(os.environ.get("SEGGUARD_KERNEL_LAB_RESULTS", REPO / "results" / "kernel-lab"))
     timeout = float(os.environ.get("SEGGUARD_KERNEL_LAB_TIMEOUT", "1200"))
     memory = os.environ.get("SEGGUARD_KERNEL_LAB_MEMORY", "1G")
 
@@ -305,9 +341,7 @@ def main(argv: list[str]) -> int:
             "a lab that runs nothing must not pass")
         return 1
 
-    if rw.exists():
-        shutil.rmtree(rw)
-    rw.mkdir(parents=True)
+    rw = fresh_results_dir(results)
     script = rw / "lab.sh"
     script.write_text(guest_script(rw, venv, argv, files))
     script.chmod(0o755)
