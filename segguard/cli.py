@@ -161,13 +161,22 @@ def remove(config: Optional[Path] = ConfigOpt, yes: bool = typer.Option(False, "
 @app.command()
 def verify(config: Optional[Path] = ConfigOpt, guest: Optional[list[str]] = typer.Option(None, "--guest", help="only these guests"),
            lab_prefix: str = typer.Option("sglab-", "--lab-prefix", help="namespace prefix of a running lab (`segguard lab up`)"),
+           live: bool = typer.Option(False, "--live", help="verify on this host through temporary probe ports on each guest's bridge"),
            as_json: bool = JsonOpt) -> None:
     """Send real packets and report, per expectation, what arrived where.
 
-    Runs from inside each legacy guest's namespace of a running lab."""
-    from segguard.verify.lab import verify_lab
+    Lab (default): from inside each legacy guest's namespace of a running lab.
+    --live: on this host, without touching the guests: a stand-in probe port enrolled
+    in the guest's policy sends, unenrolled probe ports observe; failed probes reach
+    only those probe ports."""
+    if live:
+        from segguard.verify.live import verify_live
 
-    results = verify_lab(config, lab_prefix, guests=guest)
+        results = verify_live(config, guests=guest)
+    else:
+        from segguard.verify.lab import verify_lab
+
+        results = verify_lab(config, lab_prefix, guests=guest)
     _render_results(results, as_json)
 
 

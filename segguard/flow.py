@@ -95,3 +95,24 @@ def remove(table: str = TABLE) -> bool:
 
     with writer_lock():
         return NftablesApplier().remove(table)
+
+
+def state_dir() -> Path:
+    """The per-namespace state directory (lock, applied plan, agent state)."""
+    return _ns_state_dir()
+
+
+def write_state(name: str, data: dict) -> None:
+    """Atomically replace `<state dir>/<name>.json` (readers never see half a file)."""
+    d = _ns_state_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f"{name}.json.tmp.{os.getpid()}"
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
+    tmp.replace(d / f"{name}.json")
+
+
+def read_state(name: str) -> dict | None:
+    try:
+        return json.loads((_ns_state_dir() / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return None

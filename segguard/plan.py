@@ -34,15 +34,21 @@ class Plan:
     bindings: tuple[Binding, ...]
     nft: tuple[dict[str, Any], ...]  # the objects of our one table, in creation order
     warnings: tuple[str, ...] = ()
+    # the VLAN layer: one compile.vlan.BridgeVlanPlan per bridge a profile names; empty
+    # where the kernel has no bridge VLAN filtering (and then absent from the JSON)
+    vlans: tuple[Any, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "table": self.table,
             "stateful": self.stateful,
             "bindings": [asdict(b) for b in self.bindings],
             "warnings": list(self.warnings),
             "nft": list(self.nft),
         }
+        if self.vlans:
+            d["vlans"] = [v.to_dict() for v in self.vlans]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"

@@ -146,6 +146,9 @@ class BridgeSite(Strict):
 
     uplink: IfName | None = None
     keep_vlans: list[VlanId] = []
+    # turning vlan_filtering on, or pruning the uplink, can take VLANs away from ports
+    # that are not legacy guests; apply refuses that unless this says it may
+    allow_vlan_removal: bool = False
 
 
 class Site(Strict):
@@ -155,6 +158,9 @@ class Site(Strict):
     hypervisor: list[HostAddr] = []
     groups: dict[Name, list[Cidr]] = {}
     bridges: dict[IfName, BridgeSite] = {}
+    # a host whose kernel (or bridge) cannot carry the VLAN layer: apply fails instead
+    # of enforcing the nftables layer alone with a warning
+    vlan_layer_required: bool = False
 
     @field_validator("groups", mode="before")
     @classmethod

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from segguard.host.vlans import PortVlans
+
 
 @dataclass(frozen=True)
 class PortFact:
@@ -20,6 +22,13 @@ class BridgeFact:
     name: str
     addresses: tuple[str, ...] = ()
     ports: tuple[PortFact, ...] = ()
+    # the VLAN layer's facts; None/() when not read (facts files from before it, or a
+    # kernel without bridge VLAN filtering), and then left out of the JSON
+    vlan_filtering: bool | None = None
+    vlans: tuple[PortVlans, ...] = ()
+
+    def port_vlans(self, name: str) -> PortVlans | None:
+        return next((v for v in self.vlans if v.port == name), None)
 
 
 @dataclass(frozen=True)
@@ -35,13 +44,23 @@ class HostFacts:
         return next((b for b in self.bridges if b.name == name), None)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        data = asdict(self)
+        for b, fact in zip(data["bridges"], self.bridges):
+            if fact.vlan_filtering is None:
+                del b["vlan_filtering"]
+            if fact.vlans:
+                b["vlans"] = [v.to_dict() for v in fact.vlans]
+            else:
+                del b["vlans"]
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict) -> "HostFacts":
         return cls(
             bridges=tuple(
-                BridgeFact(b["name"], tuple(b.get("addresses", ())), tuple(PortFact(p["name"], p["mac"].lower()) for p in b.get("ports", ())))
+                BridgeFact(b["name"], tuple(b.get("addresses", ())), tuple(PortFact(p["name"], p["mac"].lower()) for p in b.get("ports", ())),
+                           vlan_filtering=b.get("vlan_filtering"),
+                           vlans=tuple(PortVlans.from_dict(v) for v in b.get("vlans", ())))
                 for b in data.get("bridges", ())
             ),
             libvirt_ports=tuple((m.lower(), t) for m, t in data.get("libvirt_ports", ())),

@@ -20,6 +20,8 @@ def libvirt_ports(uri: str = "qemu:///system") -> tuple[tuple[str, str], ...]:
         import libvirt  # python3-libvirt; optional
     except ImportError:
         return ()
+    # libvirt prints every error to stderr by default; "no daemon here" is not one
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     try:
         conn = libvirt.openReadOnly(uri)
     except libvirt.libvirtError:

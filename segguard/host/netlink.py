@@ -44,6 +44,18 @@ def _try_vlan_filtering() -> bool:
             ipr.link("del", ifname=name)
 
 
+def _vlan_facts(ipr, br, links) -> tuple[bool | None, tuple]:
+    """vlan_filtering and every port's VLAN table; nothing where the kernel has no
+    bridge VLAN filtering (it then reports no vlan_filtering attribute at all)."""
+    from segguard.host.vlans import bridge_filtering, read_port_vlans
+
+    filtering = bridge_filtering(br)
+    if filtering is None:
+        return None, ()
+    names = {i: l.get_attr("IFLA_IFNAME") for i, l in links.items() if i == br["index"] or l.get_attr("IFLA_MASTER") == br["index"]}
+    return filtering, read_port_vlans(ipr, br["index"], names)
+
+
 def read_host_facts(bridges: list[str]) -> HostFacts:
     """Facts for the named bridges (missing bridges are simply absent)."""
     from pyroute2 import IPRoute
@@ -64,7 +76,7 @@ def read_host_facts(bridges: list[str]) -> HostFacts:
                 addrs = tuple(sorted(
                     a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=br["index"])
                 ))
-                found.append(BridgeFact(name, addrs, ports))
+                found.append(BridgeFact(name, addrs, ports, *_vlan_facts(ipr, br, links)))
     except OSError as exc:
         raise HostError(f"cannot read links over netlink: {exc}") from exc
     from segguard.host.libvirt import libvirt_ports

@@ -2,7 +2,6 @@
 from inside the legacy guests' own namespaces, observing at the destinations."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from segguard.errors import LabError
@@ -10,8 +9,9 @@ from segguard.lab import netns as nl
 from segguard.lab import topology
 from segguard.lab.topology import Host, LabTopology
 from segguard.plan import Plan
-from segguard.verify.expectations import Expectation, Intent, expectations_for
-from segguard.verify.probes import Probe, ProbeSession
+from segguard.verify.expectations import Intent, expectations_for
+from segguard.verify.probes import Probe
+from segguard.verify.run import Extra, run_expectations
 
 LAB_CONFIG = Path(__file__).resolve().parents[2] / "profiles" / "lab"
 
@@ -126,65 +126,11 @@ def verify_lab(config_dir: str | Path | None, prefix: str, guests: list[str] | N
     unknown = sorted({e.guest for e in exps} - set(hosts))
     if unknown:
         raise LabError(f"guests {', '.join(unknown)} have no host in the lab")
-    return run_expectations(topo, plan, exps, hosts, lab_extras)
-
-
-def run_expectations(topo: LabTopology, plan: Plan, exps: list[Expectation], hosts: dict[str, Host],
-                     lab_extras: bool = False) -> list[dict]:
-    stage1, stage2 = [], []
-    meta: dict[str, tuple[Expectation, str]] = {}  # probe id -> (expectation, role of the probe)
-    for e in exps:
-        b = _Binder(topo, hosts[e.guest])
-        target = stage2 if e.after else stage1
-        if e.after:
-            stage1.append((e.id + "#setup", *b.bind(e.after)))
-        target.append((e.id, *b.bind(e.probe)))
-        meta[e.id] = (e, "probe")
-        if e.control:
-            stage1.append((e.id + "#control", *b.bind(e.control)))
-    extra = []
+    extras = []
     if lab_extras:
         b = _Binder(topo, topo.host("guest"))
         for fam, dst in ((4, topo.host("inet").ip4), (6, topo.host("inet").ip6)):
-            stage1.append((f"lab/ordinary-guest-internet/v{fam}", *b.bind(
-                Intent("guest", f"addr:{dst}", "tcp", fam, dst, dport=443))))
-            extra.append((f"lab/ordinary-guest-internet/v{fam}", f"the ordinary guest (no profile) still reaches the internet host {dst}"))
-
-    roles = {r for _, r, _, _ in stage1 + stage2} | {s for _, _, _, s in stage1 + stage2}
-    senders = {r: (topo.host(r).ns, topo.host(r).iface) for r in roles}
-    sinks = {r: topo.sink(r) for r in roles}
-    observed: dict[str, bool] = {}
-    # Under emulation (the kernel lab boots qemu without KVM) workers start and frames
-    # travel many times slower; these knobs let such a vantage wait longer.
-    settle = float(os.environ.get("SEGGUARD_PROBE_SETTLE", "0.6"))
-    start_timeout = float(os.environ.get("SEGGUARD_PROBE_START_TIMEOUT", "30"))
-    with ProbeSession(senders, sinks, settle=settle, start_timeout=start_timeout) as session:
-        for stage in (stage1, stage2):
-            if not stage:
-                continue
-            batch = [(pid, sender, probe, [sink]) for pid, sender, probe, sink in stage]
-            res = session.run(batch)
-            for pid, _s, _p, sink in stage:
-                observed[pid] = res[pid][sink]
-
-    def word(arrived: bool | None) -> str | None:
-        return None if arrived is None else ("arrived" if arrived else "not arrived")
-
-    results = []
-    for e in exps:
-        got = observed[e.id]
-        ctrl = observed.get(e.id + "#control") if e.control else None
-        if e.expect == "arrives":
-            ok, why = got, "" if got else "the allowed flow did not arrive"
-        else:
-            ok = (not got) and (ctrl is None or ctrl)
-            why = "" if ok else ("the blocked frame ARRIVED" if got else
-                                 "control from an unrestricted source did not arrive either: sink or path broken, verdict unproven")
-        results.append({"id": e.id, "guest": e.guest, "category": e.category, "description": e.description,
-                        "expected": "blocked" if e.expect == "blocked" else "arrives", "observed": word(got),
-                        "control": word(ctrl), "pass": bool(ok), "why": why})
-    for pid, desc in extra:
-        got = observed[pid]
-        results.append({"id": pid, "guest": "-", "category": "lab", "description": desc, "expected": "arrives",
-                        "observed": word(got), "control": None, "pass": got, "why": "" if got else "did not arrive"})
-    return results
+            extras.append(Extra(f"lab/ordinary-guest-internet/v{fam}",
+                                f"the ordinary guest (no profile) still reaches the internet host {dst}",
+                                b, Intent("guest", f"addr:{dst}", "tcp", fam, dst, dport=443)))
+    return run_expectations(exps, lambda g: _Binder(topo, hosts[g]), lambda role: topo.sink(role), extras)

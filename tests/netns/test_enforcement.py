@@ -36,7 +36,7 @@ def test_example_config_verifies_and_the_verifier_sees_a_missing_wall(lab, lab_p
     failed = [r for r in results if not r["pass"]]
     assert not failed, failed
     cats = {r["category"] for r in results}
-    assert {"guard-rail", "allow", "default", "anti-spoof", "lab"} <= cats
+    assert {"guard-rail", "allow", "default", "anti-spoof", "vantage"} <= cats
     # every blocked verdict had a control, and every control arrived
     assert all(r["control"] == "arrived" for r in results if r["expected"] == "blocked")
     assert any(r["id"] == "lab/ordinary-guest-internet/v4" and r["pass"] for r in results)
@@ -158,3 +158,33 @@ def test_cli_status_and_plan_against_the_live_kernel(lab):
     st2 = segguard_in(hv, "status", "-c", cfg)
     assert st2.returncode == 1 and "DRIFT" in st2.stdout
     assert segguard_in(hv, "plan", "-c", cfg).returncode == 10
+
+
+def test_live_vantage_verifies_through_probe_ports_and_sees_a_broken_wall(lab):
+    """`verify --live` on the lab's hypervisor as if it were a production host: probe
+    ports stand in for the guest, the guests themselves are not involved."""
+    apply_in_lab(lab.topology, None)
+    hv = lab.topology.hv_ns
+    proc = segguard_in(hv, "verify", "--live", "-c", str(LAB_CONFIG), "--json")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["failed"] == 0 and report["passed"] > 100
+    assert all(r["control"] == "arrived" for r in report["results"] if r["expected"] == "blocked")
+    assert not [l for l in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines()
+                if l.startswith("sgprobe-")], "probe namespaces are removed"
+
+    # A compiler that forgot the guard rails: the live verifier must say so (for the
+    # default-allow guest; under default deny the default would still hold the line). (A process
+    # of its own in the namespace: workers read /sys, which `ip netns exec` remounts.)
+    snippet = (
+        "import json, segguard.compile.nft as n\n"
+        "n._guard_rails = lambda *a, **k: None\n"
+        "from segguard.verify.live import verify_live\n"
+        f"print(json.dumps(verify_live({str(LAB_CONFIG)!r}, guests=['scada-line4-srv'])))\n")
+    out = subprocess.run(["ip", "netns", "exec", hv, sys.executable, "-c", snippet],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    broken = {r["id"]: r for r in json.loads(out.stdout)}
+    for key in ("scada-line4-srv/guard-rail/internet/tcp4", "scada-line4-srv/guard-rail/hypervisor/tcp6",
+                "scada-line4-srv/guard-rail/management/icmp4", "scada-line4-srv/guard-rail/domain-controller/icmp4"):
+        assert broken[key]["observed"] == "arrived" and not broken[key]["pass"], broken[key]

@@ -1,0 +1,88 @@
+"""When the agent works: a bounded-frequency runner for reconciles (a burst of events
+costs one apply), and periodic tasks (drift check, verify). Pure: the clock is passed
+in, so the timing rules are unit-tested without sleeping."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass
+class BoundedRunner:
+    """Runs `fn(reasons)` when requested, at most once per `min_interval` seconds.
+
+    The first request after a quiet period runs at once (a new tap is bound without
+    waiting); requests arriving while a run is due or within `min_interval` of the last
+    run are merged into the next run, so a thousand link events cost one reconcile.
+    `max_interval` forces a run even without requests (None: never)."""
+
+    fn: Callable[[frozenset[str]], object]
+    min_interval: float
+    max_interval: float | None = None
+    last_run: float | None = None
+    pending: set[str] = field(default_factory=set)
+    runs: int = 0
+
+    def request(self, reason: str) -> None:
+        self.pending.add(reason)
+
+    def deadline(self) -> float | None:
+        forced = None if self.max_interval is None else ((self.last_run or 0.0) + self.max_interval)
+        if not self.pending:
+            return forced
+        soon = 0.0 if self.last_run is None else self.last_run + self.min_interval
+        return soon if forced is None else min(soon, forced)
+
+    def maybe_run(self, now: float) -> bool:
+        d = self.deadline()
+        if d is None or now < d:
+            return False
+        reasons = frozenset(self.pending or {"periodic"})
+        self.pending.clear()
+        self.last_run = now
+        self.runs += 1
+        self.fn(reasons)
+        return True
+
+
+@dataclass
+class Periodic:
+    """A task every `every` seconds (None or <= 0: disabled), first run `every` after start."""
+
+    fn: Callable[[], object]
+    every: float | None
+    next_at: float | None = None
+
+    def start(self, now: float) -> None:
+        self.next_at = now + self.every if self.every and self.every > 0 else None
+
+    def deadline(self) -> float | None:
+        return self.next_at
+
+    def maybe_run(self, now: float) -> bool:
+        if self.next_at is None or now < self.next_at:
+            return False
+        # Skipped periods are not made up: a stalled host needs one check, not ten.
+        while self.next_at <= now:
+            self.next_at += self.every  # type: ignore[operator]
+        self.fn()
+        return True
+
+
+@dataclass
+class Scheduler:
+    tasks: list = field(default_factory=list)
+
+    def add(self, task):
+        self.tasks.append(task)
+        return task
+
+    def timeout(self, now: float, cap: float = 60.0) -> float:
+        """Seconds until the earliest deadline (0 if one is due), at most `cap`."""
+        deadlines = [d for d in (t.deadline() for t in self.tasks) if d is not None]
+        if not deadlines:
+            return cap
+        return max(0.0, min(cap, min(deadlines) - now))
+
+    def run_due(self, now: float) -> int:
+        return sum(1 for t in self.tasks if t.maybe_run(now))
