@@ -39,13 +39,13 @@ class Nft:
             raise ApplyError(f"kernel refused {what}: {err.strip()}", batch=batch, kernel_error=err.strip())
         return out if isinstance(out, dict) else (json.loads(out) if out else {})
 
-    def list_table(self, table: str) -> list[dict[str, Any]] | None:
+    def list_table(self, table: str, family: str = "bridge") -> list[dict[str, Any]] | None:
         """The table's objects as the kernel reports them, or None if it does not exist."""
-        rc, out, err = self.raw({"nftables": [{"list": {"table": {"family": "bridge", "name": table}}}]})
+        rc, out, err = self.raw({"nftables": [{"list": {"table": {"family": family, "name": table}}}]})
         if rc != 0:
             if "No such file or directory" in err:
                 return None
-            raise ApplyError(f"cannot list table bridge {table}: {err.strip()}", kernel_error=err.strip())
+            raise ApplyError(f"cannot list table {family} {table}: {err.strip()}", kernel_error=err.strip())
         data = out if isinstance(out, dict) else json.loads(out)
         return [o for o in data.get("nftables", []) if "metainfo" not in o]
 
@@ -54,18 +54,25 @@ def _metainfo() -> dict[str, Any]:
     return {"metainfo": {"json_schema_version": JSON_SCHEMA_VERSION}}
 
 
+# Our tables: the bridge table holds the policy; the netdev table holds per-port
+# ingress chains for frames that never meet a bridge hook. Same name, both ours.
+FAMILIES = ("bridge", "netdev")
+
+
 def replace_batch(plan: Plan) -> dict[str, Any]:
-    """add + delete + add of the table and all its content in ONE transaction: the
+    """add + delete + add of our tables and all their content in ONE transaction: the
     kernel switches from the old policy to the new one atomically, with no moment in
-    which the table is empty (never flush-then-add), and a refused batch changes nothing."""
-    tbl = {"table": {"family": "bridge", "name": plan.table}}
-    cmds = [_metainfo(), {"add": tbl}, {"delete": copy.deepcopy(tbl)}]
+    which a table is empty (never flush-then-add), and a refused batch changes nothing."""
+    cmds: list[dict[str, Any]] = [_metainfo()]
+    for family in FAMILIES:
+        tbl = {"table": {"family": family, "name": plan.table}}
+        cmds += [{"add": tbl}, {"delete": copy.deepcopy(tbl)}]
     cmds += [{"add": obj} for obj in plan.nft]
     return {"nftables": cmds}
 
 
-def delete_batch(table: str) -> dict[str, Any]:
-    return {"nftables": [_metainfo(), {"delete": {"table": {"family": "bridge", "name": table}}}]}
+def delete_batch(table: str, families: tuple[str, ...] = FAMILIES) -> dict[str, Any]:
+    return {"nftables": [_metainfo(), *({"delete": {"table": {"family": f, "name": table}}} for f in families)]}
 
 
 # ---- read-back ----------------------------------------------------------------------
@@ -92,6 +99,10 @@ def normalize(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for obj in objects:
         kind, body = next(iter(obj.items()))
         body = {k: v for k, v in copy.deepcopy(body).items() if k not in _VOLATILE}
+        if kind == "chain" and body.get("family") == "netdev":
+            # libnftables 1.0.x lists netdev chains without their device; the chain's
+            # name carries the port (in_<port>) and the probes prove the effect
+            body.pop("dev", None)
         if kind == "rule":
             body["expr"] = [({"counter": None} if "counter" in e else _canonical_sets(e)) for e in body["expr"]]
         if kind in ("set", "map") and "elem" in body:
@@ -149,7 +160,11 @@ class NftablesApplier:
         self.nft = nft or Nft()
 
     def realized(self, table: str) -> list[dict[str, Any]] | None:
-        return self.nft.list_table(table)
+        """Everything of ours in the kernel; None when the policy table is absent."""
+        policy = self.nft.list_table(table, "bridge")
+        if policy is None:
+            return None
+        return policy + (self.nft.list_table(table, "netdev") or [])
 
     def diff(self, plan: Plan) -> TableDiff:
         return diff_objects(list(plan.nft), self.realized(plan.table))
@@ -172,7 +187,8 @@ class NftablesApplier:
         return diff_objects(list(plan.nft), realized).empty and rule_order(list(plan.nft)) == rule_order(realized)
 
     def remove(self, table: str) -> bool:
-        if self.realized(table) is None:
+        present = tuple(f for f in FAMILIES if self.nft.list_table(table, f) is not None)
+        if not present:
             return False
-        self.nft.run(delete_batch(table), f"deleting table bridge {table}")
+        self.nft.run(delete_batch(table, present), f"deleting segguard's tables {', '.join(present)}")
         return True

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from segguard.compile.bind import bind_guests
 from segguard.compile.nft import compile_nft
-from segguard.compile.vlan import compile_vlans
+from segguard.compile.vlan import compile_vlans, vlan_layer_missing
 from segguard.config.validate import Config
 from segguard.host import HostFacts
 from segguard.plan import TABLE, Binding, Plan
@@ -17,4 +17,5 @@ def compile_plan(config: Config, facts: HostFacts, table: str = TABLE, extra_bin
     stateful = facts.bridge_conntrack
     nft = compile_nft(config, facts, bindings, stateful, table)
     vlans = compile_vlans(config, facts, bindings)
-    return Plan(table=table, stateful=stateful, bindings=tuple(bindings), nft=tuple(nft), warnings=tuple(warnings), vlans=vlans)
+    return Plan(table=table, stateful=stateful, bindings=tuple(bindings), nft=tuple(nft), warnings=tuple(warnings), vlans=vlans,
+                vlan_layer=vlan_layer_missing(config, facts), vlan_required=config.site.vlan_layer_required)

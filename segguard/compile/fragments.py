@@ -10,6 +10,7 @@ from typing import Any
 import netaddr
 
 FAMILY = "bridge"
+NETDEV = "netdev"
 Expr = dict[str, Any]
 
 
@@ -92,8 +93,8 @@ def log(prefix: str) -> Expr:
 
 # ---- objects (the "add" commands of one batch) -------------------------------------
 
-def table(name: str) -> Expr:
-    return {"table": {"family": FAMILY, "name": name}}
+def table(name: str, family: str = FAMILY) -> Expr:
+    return {"table": {"family": family, "name": name}}
 
 
 def chain(tbl: str, name: str, hook: str | None = None, prio: int = 0) -> Expr:
@@ -119,8 +120,16 @@ def vmap(tbl: str, name: str, key_type: str, elems: list[tuple[str, Expr]]) -> E
     return {"map": body}
 
 
-def rule(tbl: str, chain_name: str, exprs: list[Expr], comment: str | None = None) -> Expr:
-    body: dict[str, Any] = {"family": FAMILY, "table": tbl, "chain": chain_name, "expr": exprs}
+def ingress_chain(tbl: str, name: str, dev: str, prio: int) -> Expr:
+    """A netdev-family chain on one device's ingress: it sees every frame the device
+    receives, before the bridge's rx handler (which sends some frames past all bridge
+    hooks)."""
+    return {"chain": {"family": NETDEV, "table": tbl, "name": name, "type": "filter", "hook": "ingress",
+                      "dev": dev, "prio": prio, "policy": "accept"}}
+
+
+def rule(tbl: str, chain_name: str, exprs: list[Expr], comment: str | None = None, family: str = FAMILY) -> Expr:
+    body: dict[str, Any] = {"family": family, "table": tbl, "chain": chain_name, "expr": exprs}
     if comment:
         body["comment"] = comment[:127]
     return {"rule": body}

@@ -10,6 +10,7 @@ legacy guest's MAC on every port but its own.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import netaddr
@@ -125,14 +126,40 @@ def compile_nft(config: Config, facts: HostFacts, bindings: list[Binding], state
     for hook in ("forward", "output"):
         c = t.chain(hook, hook)
         t.rule(c, [f.vmap_lookup(f.meta("oifname"), "in_dispatch")])
-    return _order(t.objects)
+    return _order(t.objects + _port_ingress(table, facts, bindings))
+
+
+INGRESS_PRIO = -500
+
+
+def _port_ingress(table: str, facts: HostFacts, bindings: list[Binding]) -> list[dict[str, Any]]:
+    """Some frames never meet a bridge hook: the bridge hands LLDP (and BPDUs with STP
+    on) straight to the host and learns their source MAC on the way, so a guest could
+    re-point a neighbour's FDB entry at itself. A netdev ingress chain on the legacy
+    port sees every frame first. Only ports that exist now get one (a chain needs its
+    device); the bridge table already drops such a guest's MAC until it is bound."""
+    present = {p.name for br in facts.bridges for p in br.ports}
+    ports = [b for b in sorted(bindings, key=lambda b: b.port or "") if b.port in present]
+    if not ports:
+        return []
+    objs = [f.table(table, f.NETDEV)]
+    for b in ports:
+        name = "in_" + re.sub(r"[^A-Za-z0-9_]", "_", b.port)
+        objs.append(f.ingress_chain(table, name, b.port, INGRESS_PRIO))
+        audit = b.mode == "audit"
+        verdict = ([f.COUNTER, f.log(f"segguard audit {b.profile} port-ingress: "), f.ACCEPT] if audit else [f.COUNTER, f.DROP])
+        objs.append(f.rule(table, name, [f.match(f.payload("ether", "saddr"), b.mac, "!="), *verdict],
+                           "source MAC is not the guest's (before the bridge learns it)", family=f.NETDEV))
+        objs.append(f.rule(table, name, [f.match(f.bitand(f.payload("ether", "daddr"), LINK_LOCAL_MASK), LINK_LOCAL_MAC), *verdict],
+                           "no link-local (01:80:c2:00:00:0x) frames from a legacy guest", family=f.NETDEV))
+    return objs
 
 
 def _order(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Table, sets and maps, chains, then rules: every reference exists before use
     (a goto to a chain needs the chain, a vmap element needs its target chain)."""
     rank = {"table": 0, "set": 1, "chain": 2, "map": 3, "rule": 4}
-    return sorted(objects, key=lambda o: rank[next(iter(o))])
+    return sorted(objects, key=lambda o: rank[next(iter(o))])  # stable: rule order kept
 
 
 def _guest_out_chain(t: _Table, b: Binding, v: _Verdicts) -> None:

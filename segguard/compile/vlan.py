@@ -191,3 +191,10 @@ def _bridge(config: Config, bf: BridgeFact, bindings: list[Binding]) -> BridgeVl
             warnings.append(f"VLAN {vlan} of legacy port {port} ({', '.join(guests)}) is on no other port of {bf.name}: "
                             f"those guests will reach nothing")
     return BridgeVlanPlan(bf.name, True, filtering, uplink, keep, allow, tuple(rows), tuple(refusals), tuple(warnings))
+
+
+def vlan_layer_missing(config: Config, facts: HostFacts) -> str:
+    """Why there is no VLAN layer on this host ("" when there is one, or nothing to do)."""
+    if facts.vlan_filtering or not config.profiles:
+        return ""
+    return "this kernel lacks bridge VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING)"

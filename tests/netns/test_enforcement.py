@@ -188,3 +188,24 @@ def test_live_vantage_verifies_through_probe_ports_and_sees_a_broken_wall(lab):
     for key in ("scada-line4-srv/guard-rail/internet/tcp4", "scada-line4-srv/guard-rail/hypervisor/tcp6",
                 "scada-line4-srv/guard-rail/management/icmp4", "scada-line4-srv/guard-rail/domain-controller/icmp4"):
         assert broken[key]["observed"] == "arrived" and not broken[key]["pass"], broken[key]
+
+
+@pytest.mark.parametrize("dst,ethertype", [("01:80:c2:00:00:0e", 0x88CC),   # LLDP: never forwarded, goes to the host
+                                           ("01:80:c2:00:00:03", 0x888E),   # 802.1X EAPOL
+                                           ("01:80:c2:00:00:00", None)])    # STP BPDU (802.3 LLC)
+def test_link_local_frames_cannot_poison_the_fdb(lab, dst, ethertype):
+    """Frames to 01:80:c2:00:00:0x take the bridge's link-local path, not prerouting;
+    the input chain must still drop a forged source before the bridge learns it."""
+    apply_in_lab(lab.topology, None)
+    topo = lab.topology
+    xp, guest = topo.host("xp"), topo.host("guest")
+    for port in (xp.port, guest.port):
+        subprocess.run(["ip", "netns", "exec", topo.hv_ns, "ip", "link", "set", "dev", port, "type", "bridge_slave",
+                        "learning", "on"], check=True)
+    forged, control = "52:54:00:55:55:01", "52:54:00:55:55:02"
+    kind = dict(kind="raw", dst_mac=dst, ethertype=ethertype) if ethertype else dict(kind="raw", dst_mac=dst, llc_snap=True, ethertype=0x88B5)
+    eps = {"xp": topo.sink("xp"), "guest": topo.sink("guest")}
+    with ProbeSession(eps, eps, settle=0.3) as s:
+        s.run([("x", "xp", Probe(src_mac=forged, **kind), []), ("g", "guest", Probe(src_mac=control, **kind), [])])
+    assert _fdb_port_of(topo.hv_ns, control) == guest.port, "control: an unprotected port learns from this frame"
+    assert _fdb_port_of(topo.hv_ns, forged) is None

@@ -180,8 +180,22 @@ def test_dispatch_maps_point_at_guest_and_profile_chains(tmp_path):
 
 def test_hooked_chains_are_only_the_base_chains():
     plan = compile_plan(load_config(LAB), lab_facts())
-    hooked = {c["name"]: (c["hook"], c["prio"], c["policy"]) for c in objs(plan, "chain") if "hook" in c}
-    assert hooked == {h: (h, -190, "accept") for h in BASE_CHAINS}
+    bridge = [c for c in objs(plan, "chain") if "hook" in c and c["family"] == "bridge"]
+    assert {c["name"]: (c["hook"], c["prio"], c["policy"]) for c in bridge} == {h: (h, -190, "accept") for h in BASE_CHAINS}
+
+
+def test_existing_legacy_ports_get_a_netdev_ingress_chain_before_the_bridge():
+    """LLDP (and BPDUs with STP on) skip every bridge hook; the port's own ingress hook
+    sees them. Only ports present on the host get one: a chain needs its device."""
+    plan = compile_plan(load_config(LAB), lab_facts())
+    netdev = [c for c in objs(plan, "chain") if c["family"] == "netdev"]
+    present = {p.name for b in lab_facts().bridges for p in b.ports}
+    bound = {b.port for b in plan.bindings if b.port}
+    assert {c["dev"] for c in netdev} == bound & present
+    assert all(c["hook"] == "ingress" and c["prio"] == -500 and c["policy"] == "accept" for c in netdev)
+    rules = {c["name"]: [r for r in objs(plan, "rule") if r["family"] == "netdev" and r["chain"] == c["name"]] for c in netdev}
+    assert all(len(r) == 2 and all(x["expr"][-1] == {"drop": None} for x in r) for r in rules.values())
+    assert all(c["dev"] in present for c in netdev), "no chain for a port that does not exist"
 
 
 # ----------------------------------------------------------------------- binding
