@@ -27,6 +27,7 @@ ND_TYPES = ["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert"]
 MLD_TYPES = ["mld-listener-report", "mld2-listener-report", "mld-listener-done"]
 ICMP_ERRORS4 = ["destination-unreachable", "time-exceeded"]
 ICMP_ERRORS6 = ["destination-unreachable", "packet-too-big", "time-exceeded"]
+TUNNEL_UDP_PORTS = (500, 1194, 1701, 3544, 4500, 4789, 6081, 8472, 51820)
 IP6_LINKLOCAL = [{"prefix": {"addr": "fe80::", "len": 10}}, "::"]
 
 
@@ -252,6 +253,13 @@ def _profile_chains(t: _Table, lp: LoadedProfile, sets, ad_ports: str, stateful:
         # the stateless replies: a forged "reply" from a service port must not reach
         # an AD port of the rule's peer either
         t.rule(out_c, [f.match(f.meta("l4proto"), {"set": ["tcp", "udp"]}), f.match(f.payload("th", "dport"), ad_ports), *v.drop("ad-port")], "AD protocol ports (block.domain)")
+    # Tunnels: an IP protocol other than TCP/UDP/ICMP, or a well-known tunnel port, would
+    # carry anything past every rule to whoever decapsulates it (default: allow, or a
+    # peer that forwards). Named egress rules above may still allow a tunnel port.
+    t.rule(out_c, [f.match(f.meta("l4proto"), {"set": ["tcp", "udp", "icmp", "ipv6-icmp"]}, "!="), *v.drop("ip-protocol")],
+           "only TCP, UDP and ICMP (no GRE, IPIP, 6in4, ESP, SCTP...)")
+    t.rule(out_c, [f.match(f.payload("udp", "dport"), {"set": list(TUNNEL_UDP_PORTS)}), *v.drop("tunnel-port")],
+           "well-known UDP tunnel ports (VXLAN, Geneve, WireGuard, OpenVPN, L2TP, IPsec NAT-T, Teredo)")
     if not stateful:
         _stateless_replies(t, out_c, lp.ingress, peers, "daddr")
     t.rule(out_c, v.drop("default-deny") if prof.default == "deny" else [f.ACCEPT], f"default: {prof.default}")

@@ -35,6 +35,7 @@ class Intent:
     src_ip: str | None = None       # None: the sender's own address
     src_mac: str | None = None      # None: the sender's own MAC
     sport: int = 40000
+    ip_proto: int | None = None     # kind "raw": an IP packet of this protocol (GRE = 47)
     dport: int = 0
     flags: str = "S"
     icmp_type: int | None = None    # None: echo request
@@ -213,7 +214,15 @@ def _for_guest(config: Config, lp: LoadedProfile, b: Binding, neighbours: dict[i
                 # fragment, so a lone fragment arrives for nobody and has no control.
                 add("anti-spoof", f"fragment/{v(fam)}", "a non-first fragment (no ports to judge) is dropped", "blocked",
                     replace(base, frag_offset=185 if fam == 4 else 1480))
+            add("anti-spoof", f"gre/{v(fam)}", "a GRE packet (a tunnel past every rule) is dropped", "blocked",
+                replace(base, kind="raw", ip_proto=47))
+            add("anti-spoof", f"vxlan/{v(fam)}", "VXLAN (UDP 4789) to an internal host is dropped", "blocked",
+                replace(base, dport=4789))
             if fam == 6:
+                if prof.block.domain:
+                    add("guard-rail", "ad-port/tcp6-behind-ext-headers",
+                        f"TCP/445 to {neighbour} behind hop-by-hop and destination-options headers is blocked", "blocked",
+                        Intent("guest", f"addr:{neighbour}", "tcp", 6, neighbour, dport=445, ipv6_ext=("hbh", "dest")))
                 add("anti-spoof", "ipv6-routing-header", "an IPv6 routing header is dropped", "blocked",
                     replace(base, ipv6_ext=("routing",)))
                 add("anti-spoof", "rogue-ra", "a router advertisement from the guest is dropped", "blocked",

@@ -79,7 +79,7 @@ class _LiveBinder:
         probe = Probe(
             kind=it.kind, family=it.family, src_mac=it.src_mac or mac, dst_mac=dst_mac, src_ip=src_ip, dst_ip=dst_ip,
             sport=it.sport, dport=it.dport, flags=it.flags, icmp_type=it.icmp_type, vlan_tags=it.vlan_tags,
-            llc_snap=it.llc_snap, ethertype=it.ethertype, frag_offset=it.frag_offset, more_fragments=it.more_fragments,
+            llc_snap=it.llc_snap, ethertype=it.ethertype, ip_proto=it.ip_proto, frag_offset=it.frag_offset, more_fragments=it.more_fragments,
             ipv6_ext=tuple({"fragment": "frag"}.get(e, e) for e in it.ipv6_ext),
             arp_psrc=it.arp_psrc, arp_hwsrc=(it.src_mac or mac) if it.kind == "arp" else None,
             arp_pdst=dst_ip if it.kind == "arp" else None,
