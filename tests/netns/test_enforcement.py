@@ -209,3 +209,30 @@ def test_link_local_frames_cannot_poison_the_fdb(lab, dst, ethertype):
         s.run([("x", "xp", Probe(src_mac=forged, **kind), []), ("g", "guest", Probe(src_mac=control, **kind), [])])
     assert _fdb_port_of(topo.hv_ns, control) == guest.port, "control: an unprotected port learns from this frame"
     assert _fdb_port_of(topo.hv_ns, forged) is None
+
+
+def test_cli_lab_up_verify_down_and_dry_run(lab_prefix):
+    prefix = lab_prefix
+    try:
+        up = subprocess.run([*SEGGUARD, "lab", "up", "--prefix", prefix], capture_output=True, text=True, timeout=120)
+        assert up.returncode == 0, up.stderr
+        hv = f"{prefix}hv"
+        v = subprocess.run([*SEGGUARD, "verify", "--lab-prefix", prefix, "--json"], capture_output=True, text=True, timeout=120)
+        assert v.returncode == 0, v.stdout[-2000:] + v.stderr
+        assert json.loads(v.stdout)["failed"] == 0
+        # dry-run against a kernel that holds the plan: nothing to do, nothing sent
+        dry = segguard_in(hv, "apply", "--dry-run", "-c", str(LAB_CONFIG), "--json")
+        assert json.loads(dry.stdout)["result"] == "unchanged"
+        assert segguard_in(hv, "remove", "--yes").returncode == 0
+        dry = segguard_in(hv, "apply", "--dry-run", "-c", str(LAB_CONFIG), "--json")
+        assert json.loads(dry.stdout)["result"] == "would change"
+        assert subprocess.run(["ip", "netns", "exec", hv, "nft", "list", "table", "bridge", "segguard"],
+                              capture_output=True).returncode != 0, "dry-run applied nothing"
+        # with the wall down, verify fails with its documented exit code
+        v = subprocess.run([*SEGGUARD, "verify", "--lab-prefix", prefix], capture_output=True, text=True, timeout=120)
+        assert v.returncode == 5 and "expectations did not hold" in v.stderr
+    finally:
+        down = subprocess.run([*SEGGUARD, "lab", "down", "--prefix", prefix], capture_output=True, text=True, timeout=60)
+    assert down.returncode == 0
+    assert not [l for l in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines()
+                if l.startswith(prefix)]
