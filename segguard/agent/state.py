@@ -1,0 +1,42 @@
+"""What the agent writes for `segguard status` (and reads back): one JSON file in the
+per-namespace state directory, replaced atomically after every change."""
+from __future__ import annotations
+
+from typing import Any
+
+from segguard.plan import Binding, Plan
+
+STATE_NAME = "agent"
+
+
+def plan_from_dict(data: dict[str, Any]) -> Plan:
+    return Plan(table=data.get("table", "segguard"), stateful=bool(data.get("stateful", False)),
+                bindings=tuple(Binding(**{**b, "ipv4": tuple(b.get("ipv4", ())), "ipv6": tuple(b.get("ipv6", ()))})
+                               for b in data.get("bindings", [])),
+                nft=tuple(data.get("nft", [])), warnings=tuple(data.get("warnings", [])))
+
+
+def snapshot(rec, verify: dict[str, dict[str, Any]], started: float, pid: int, ready: bool) -> dict[str, Any]:
+    """The agent's view: per guest bound port, desired vs realized, last drift, last verify."""
+    from segguard.agent.reconcile import guest_problems
+
+    guests = {}
+    plan = rec.desired
+    for b in plan.bindings if plan else ():
+        problems = guest_problems(plan, rec.realized, b.guest)
+        guests[b.guest] = {
+            "profile": b.profile, "bridge": b.bridge, "mac": b.mac, "port": b.port, "source": b.source, "mode": b.mode,
+            "desired": "bound to " + b.port if b.port else "unbound: MAC dropped on every port",
+            "realized": "== desired" if not problems else "DIFFERS: " + "; ".join(problems[:3]),
+            "in_sync": not problems,
+            "last_drift": rec.guest_drift.get(b.guest),
+            "last_verify": verify.get(b.guest),
+        }
+    return {
+        "pid": pid, "started": started, "ready": ready,
+        "config_dir": str(rec.config.directory) if rec.config else str(rec.config_dir),
+        "config_valid": rec.config_error is None,
+        "config_error": rec.config_error, "config_error_at": rec.config_error_at,
+        "last_apply": rec.last_apply, "last_drift": rec.last_drift, "drift_counts": rec.drift_counts,
+        "guests": guests,
+    }

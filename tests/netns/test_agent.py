@@ -1,0 +1,411 @@
+"""The real agent process in the lab hypervisor namespace: events, drift, restarts,
+the writer lock and the libvirt hook, judged by nft read-back and by frames counted at
+the sinks."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from segguard.lab import netns as nl
+from segguard.verify.lab import LAB_CONFIG
+from segguard.verify.probes import Probe, ProbeSession, _Worker, build_frame, new_marker
+
+pytestmark = pytest.mark.netns
+PY = sys.executable
+REPO = Path(__file__).resolve().parents[2]
+
+NEW_MAC, NEW_TAP_MAC, NEW_IP, NEW_PORT = "52:54:00:aa:00:09", "fe:54:00:aa:00:09", "10.30.0.19", "vnet19"
+NEW_PROFILE = f"""name: newvm
+description: a legacy guest whose tap does not exist when the agent starts
+bridge: br0
+vlan: 30
+guests:
+  - name: newvm-1
+    mac: "{NEW_MAC}"
+    ipv4: [{NEW_IP}]
+    ipv6: []
+block: {{internet: true, domain: true}}
+egress:
+  - {{to: historian_db, proto: udp, ports: [514]}}
+default: deny
+mode: enforce
+"""
+
+
+def wait_for(pred, what: str, timeout: float = 20.0, every: float = 0.05):
+    """Polls for a state; the timeout only bounds a hang, it is not what is tested."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def nsrun(ns: str, *cmd: str, check: bool = False, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True, check=check, timeout=120, **kw)
+
+
+def live_table(ns: str) -> list[dict] | None:
+    p = nsrun(ns, "nft", "-j", "list", "table", "bridge", "segguard")
+    if p.returncode != 0:
+        return None
+    return [o for o in json.loads(p.stdout)["nftables"] if "metainfo" not in o]
+
+
+def elems(table: list[dict] | None, name: str) -> list:
+    for o in table or ():
+        body = o.get("map") or o.get("set")
+        if body and body["name"] == name:
+            return body.get("elem", [])
+    return []
+
+
+class AgentProc:
+    def __init__(self, ns: str, config: Path, state: Path, log: Path, metrics_port: int):
+        self.ns, self.config, self.state, self.logpath, self.port = ns, config, state, log, metrics_port
+        self.env = dict(os.environ, SEGGUARD_STATE=str(state), PYTHONPATH=str(REPO))
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "AgentProc":
+        self.log_fh = open(self.logpath, "a")
+        self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, PY, "-m", "segguard.cli", "agent", "-c", str(self.config),
+                                      "--metrics", f"127.0.0.1:{self.port}", "--verify-every", "1", "--drift-every", "5"],
+                                     stderr=self.log_fh, stdout=subprocess.DEVNULL, env=self.env)
+        wait_for(lambda: (self.state_json() or {}).get("pid") == self._agent_pid() and self.state_json().get("ready"), "agent ready")
+        return self
+
+    def _agent_pid(self):
+        # `ip netns exec` execs the python, so the pid is the agent's own
+        return self.proc.pid if self.proc else None
+
+    def state_json(self) -> dict | None:
+        for d in self.state.glob("netns-*"):
+            try:
+                return json.loads((d / "agent.json").read_text())
+            except (OSError, ValueError):
+                return None
+        return None
+
+    def logs(self) -> list[dict]:
+        out = []
+        for line in self.logpath.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def metrics(self) -> str:
+        code = f"import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:{self.port}/metrics').read().decode())"
+        return nsrun(self.ns, PY, "-c", code, check=True).stdout
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return nsrun(self.ns, PY, "-m", "segguard.cli", *args, env=self.env)
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def cfg(tmp_path) -> Path:
+    d = tmp_path / "cfg"
+    shutil.copytree(LAB_CONFIG, d)
+    (d / "profiles" / "newvm.yaml").write_text(NEW_PROFILE)
+    return d
+
+
+_port = [19300]
+
+
+@pytest.fixture
+def agent(lab, cfg, tmp_path):
+    _port[0] += 1
+    a = AgentProc(lab.topology.hv_ns, cfg, tmp_path / "state", tmp_path / "agent.log", _port[0])
+    try:
+        yield a.start()
+    finally:
+        a.stop()
+
+
+def _plug(lab, ns_name: str, mac: str = NEW_MAC, tap_mac: str = NEW_TAP_MAC, port: str = NEW_PORT, enslave: bool = True):
+    """A veth the way libvirt plugs a tap: host side carries the guest MAC with fe first."""
+    nl.create_netns(ns_name)
+    nl.write_sysctls(ns_name, {"net.ipv6.conf.default.disable_ipv6": 1})
+    with nl.ipr(lab.topology.hv_ns) as ip:
+        idx = nl.create_veth(ip, port, tap_mac, "eth0", mac, ns_name)
+        # up but on no bridge yet: the guest's NIC has carrier and frames already flow
+        # into the host side, where nothing forwards them
+        nl.set_up(ip, idx)
+    with nl.ipr(ns_name) as ip:
+        nl.set_up(ip, nl.link_index(ip, "eth0"))
+    nl.disable_tx_checksum_offload(ns_name, ["eth0"])
+    nl.disable_tx_checksum_offload(lab.topology.hv_ns, [port])
+    if enslave:
+        _enslave(lab, port)
+
+
+def _enslave(lab, port: str) -> None:
+    with nl.ipr(lab.topology.hv_ns) as ip:
+        idx = nl.link_index(ip, port)
+        nl.enslave(ip, idx, nl.link_index(ip, "br0"), learning=False)
+        nl.set_up(ip, idx)
+
+
+def test_libvirt_style_tap_is_bound_and_a_burst_from_its_first_frame_never_reaches_a_blocked_sink(lab, agent):
+    hv, new_ns = lab.topology.hv_ns, lab.prefix + "new"
+    dc, app = lab.host("dc"), lab.host("app")
+    # Zero window by construction: before the tap exists the guest is unbound and its
+    # MAC is in legacy_macs, which every port but a bound one drops.
+    before = live_table(hv)
+    assert NEW_MAC in elems(before, "legacy_macs")
+    assert not any(e[0] == NEW_PORT for e in elems(before, "out_dispatch"))
+
+    _plug(lab, new_ns, enslave=False)
+    marker = new_marker()
+    hostile = build_frame(Probe(kind="udp", src_mac=NEW_MAC, dst_mac=dc.mac, src_ip=NEW_IP, dst_ip=dc.ip4, dport=389), marker)
+    sink = _Worker("dc", dc.ns, "eth0", PY)
+    sender = _Worker("new", new_ns, "eth0", PY)
+    try:
+        for w in (sink, sender):
+            assert w.recv(15).get("event") == "ready"
+        sink.call({"op": "collect", "reset": True})
+        stop = threading.Event()
+        sent = [0]
+
+        def blast():
+            while not stop.is_set():
+                sent[0] += sender.call({"op": "send", "frames": [hostile.hex()] * 50})["sent"]
+
+        t = threading.Thread(target=blast)
+        t.start()
+        wait_for(lambda: sent[0] >= 200, "the burst to be under way")
+        _enslave(lab, NEW_PORT)  # the port exists on the bridge: frames are already coming
+        wait_for(lambda: any(e[0] == NEW_PORT for e in elems(live_table(hv), "out_dispatch")), "the agent to bind the tap")
+        n_bound = sent[0]
+        wait_for(lambda: sent[0] >= n_bound + 500, "more of the burst after binding")
+        stop.set()
+        t.join()
+        got = sink.call({"op": "collect", "reset": True})
+    finally:
+        sink.stop()
+        sender.stop()
+    assert marker.decode() not in got["markers"], f"{got['markers'].get(marker.decode())} hostile frames reached the DC"
+    assert sent[0] > 700
+
+    # nft read-back: bound by the tap MAC convention, elements of that port only
+    table = live_table(hv)
+    assert [NEW_PORT, {"goto": {"target": "out_newvm_1"}}] in elems(table, "out_dispatch")
+    assert [NEW_PORT, {"goto": {"target": "pin_newvm"}}] in elems(table, "in_dispatch")
+    assert {"concat": [NEW_MAC, NEW_PORT]} in elems(table, "bound_ports")
+    applied = [l for l in agent.logs() if l["event"] == "applied" and "link-new" in l.get("reasons", [])]
+    assert applied and applied[-1]["kind"] == "incremental", applied
+    st = json.loads(agent.cli("status", "-c", str(agent.config), "--json").stdout)
+    g = st["agent"]["guests"]["newvm-1"]
+    assert (g["port"], g["source"], g["in_sync"]) == (NEW_PORT, "tap-mac", True)
+
+    # probes: the bound guest's policy, with a control that the sink hears
+    eps = {"new": (new_ns, "eth0"), "guest": lab.sink("guest"), "dc": lab.sink("dc"), "app": lab.sink("app")}
+    with ProbeSession(eps, eps, settle=0.4) as s:
+        res = s.run([
+            ("blocked", "new", Probe(kind="udp", src_mac=NEW_MAC, dst_mac=dc.mac, src_ip=NEW_IP, dst_ip=dc.ip4, dport=514), ["dc"]),
+            ("control", "guest", Probe(kind="udp", src_mac=lab.host("guest").mac, dst_mac=dc.mac, src_ip=lab.host("guest").ip4,
+                                       dst_ip=dc.ip4, dport=514), ["dc"]),
+            ("allowed", "new", Probe(kind="udp", src_mac=NEW_MAC, dst_mac=app.mac, src_ip=NEW_IP, dst_ip=app.ip4, dport=514), ["app"]),
+            ("spoofed", "new", Probe(kind="udp", src_mac=NEW_MAC, dst_mac=app.mac, src_ip="10.30.0.77", dst_ip=app.ip4, dport=514), ["app"]),
+        ])
+    assert res == {"blocked": {"dc": False}, "control": {"dc": True}, "allowed": {"app": True}, "spoofed": {"app": False}}
+
+    # unplug: unbound again, the MAC dropped everywhere
+    nl.delete_link(hv, NEW_PORT)
+    wait_for(lambda: not any(e[0] == NEW_PORT for e in elems(live_table(hv), "out_dispatch")), "the agent to unbind")
+    assert NEW_MAC in elems(live_table(hv), "legacy_macs")
+
+
+def test_table_deleted_by_hand_is_repaired_logged_and_counted(lab, agent):
+    hv = lab.topology.hv_ns
+    good = live_table(hv)
+    nsrun(hv, "nft", "delete", "table", "bridge", "segguard", check=True)
+    wait_for(lambda: live_table(hv) is not None, "the table to be repaired")
+    from segguard.apply.nftables import diff_objects
+    assert diff_objects(good, live_table(hv)).empty
+    drift = [l for l in agent.logs() if l["event"] == "drift"]
+    assert drift and drift[0]["kind"] == "table-deleted" and drift[0]["level"] == "warning", drift
+    wait_for(lambda: 'segguard_drift_events_total{kind="table-deleted"} 1.0' in agent.metrics(), "the drift counter")
+    st = agent.state_json()
+    assert st["last_drift"]["kind"] == "table-deleted"
+    assert st["guests"]["xp-line3-hmi"]["last_drift"]["kind"] == "table-deleted"
+
+    # a changed element (a port's verdict re-pointed by hand) is drift too
+    nsrun(hv, "nft", "delete", "element", "bridge", "segguard", "out_dispatch", "{ vnet7 }", check=True)
+    wait_for(lambda: ["vnet7", {"goto": {"target": "out_xp_line3_hmi"}}] in elems(live_table(hv), "out_dispatch"), "repair")
+    assert any(l["event"] == "drift" and l["kind"] == "elements-changed" for l in agent.logs())
+
+
+def test_bad_profile_keeps_the_old_policy_and_status_shows_file_line(lab, agent, cfg):
+    hv = lab.topology.hv_ns
+    good = live_table(hv)
+    prof = cfg / "profiles" / "xp-line3.yaml"
+    text = prof.read_text()
+    prof.write_text(text.replace("{to: historian_db,", "{to: no_such_group,"))
+    line = next(i for i, l in enumerate(prof.read_text().splitlines(), 1) if "no_such_group" in l)
+    want = f"xp-line3.yaml:{line}: egress[0].to: unknown group 'no_such_group'"
+    wait_for(lambda: any(want in p for p in (agent.state_json() or {}).get("config_error") or []), "the error in the agent state")
+    assert any(l["event"] == "config-invalid" and any(want in p for p in l["problems"]) for l in agent.logs())
+    from segguard.apply.nftables import diff_objects
+    assert diff_objects(good, live_table(hv)).empty, "the old policy must stay in force"
+    st = agent.cli("status", "-c", str(cfg))
+    assert st.returncode == 2 and want in st.stdout, st.stdout + st.stderr
+    assert "last good policy still enforced" in st.stdout
+    # and the old policy still drops what it dropped: xp -> internet
+    xp, rtr, inet = lab.host("xp"), lab.host("router"), lab.host("inet")
+    eps = {"xp": lab.sink("xp"), "guest": lab.sink("guest"), "inet": lab.sink("inet")}
+    with ProbeSession(eps, eps, settle=0.4) as s:
+        res = s.run([
+            ("xp", "xp", Probe(kind="tcp", src_mac=xp.mac, dst_mac=rtr.mac, src_ip=xp.ip4, dst_ip=inet.ip4, dport=443), ["inet"]),
+            ("ctl", "guest", Probe(kind="tcp", src_mac=lab.host("guest").mac, dst_mac=rtr.mac, src_ip=lab.host("guest").ip4,
+                                   dst_ip=inet.ip4, dport=443), ["inet"]),
+        ])
+    assert res == {"xp": {"inet": False}, "ctl": {"inet": True}}
+    # fixing the file is picked up without a signal (inotify)
+    prof.write_text(text.replace("ports: [3389]", "ports: [3389, 5900]"))
+    wait_for(lambda: (agent.state_json() or {}).get("config_valid") and "5900" in json.dumps(live_table(hv)), "the fixed config")
+
+
+def test_kill_9_leaves_enforcement_and_a_restart_has_no_gap(lab, agent):
+    hv = lab.topology.hv_ns
+    before = live_table(hv)
+    poller = subprocess.Popen(["ip", "netns", "exec", hv, PY, "-c", _POLLER], stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
+    try:
+        assert poller.stdout.readline().strip() == "polling"
+        agent.kill9()
+        from segguard.apply.nftables import diff_objects
+        assert diff_objects(before, live_table(hv)).empty, "kill -9 must leave the table exactly as it was"
+        agent.start()
+        poller.stdin.write("stop\n")
+        poller.stdin.flush()
+        absent, handles, polls = json.loads(poller.stdout.readline())
+    finally:
+        poller.kill()
+        poller.wait()
+    assert polls > 10 and absent == 0, (absent, polls)
+    assert len(handles) == 1, "a restart that finds the plan in place must send nothing (same table, no replace)"
+    # still enforced: the xp guest still cannot reach the DC
+    xp, dc = lab.host("xp"), lab.host("dc")
+    eps = {"xp": lab.sink("xp"), "guest": lab.sink("guest"), "dc": lab.sink("dc")}
+    with ProbeSession(eps, eps, settle=0.4) as s:
+        res = s.run([("xp", "xp", Probe(kind="udp", src_mac=xp.mac, dst_mac=dc.mac, src_ip=xp.ip4, dst_ip=dc.ip4, dport=53), ["dc"]),
+                     ("ctl", "guest", Probe(kind="udp", src_mac=lab.host("guest").mac, dst_mac=dc.mac, src_ip=lab.host("guest").ip4,
+                                            dst_ip=dc.ip4, dport=53), ["dc"])])
+    assert res == {"xp": {"dc": False}, "ctl": {"dc": True}}
+    # SIGTERM removes nothing either
+    agent.stop()
+    assert diff_objects(before, live_table(hv)).empty
+
+
+_POLLER = """
+import json, sys, threading, nftables
+n = nftables.Nftables(); n.set_json_output(True); n.set_handle_output(True)
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+absent, handles, polls = 0, set(), 0
+print("polling", flush=True)
+while not stop.is_set():
+    rc, out, err = n.cmd("list table bridge segguard")
+    polls += 1
+    if rc != 0:
+        absent += 1
+        continue
+    t = [o for o in json.loads(out)["nftables"] if "table" in o]
+    handles.add(t[0]["table"]["handle"])
+print(json.dumps([absent, sorted(handles), polls]), flush=True)
+"""
+
+
+def test_every_writer_takes_one_lock_so_concurrent_applies_serialize(lab, agent, cfg):
+    hv = lab.topology.hv_ns
+    ino = os.stat(f"/run/netns/{hv}").st_ino
+    lock = agent.state / f"netns-{ino}" / "lock"
+    assert lock.exists(), "the agent took the lock in the same per-namespace state dir"
+    fh = open(lock, "w")
+    fcntl.flock(fh, fcntl.LOCK_EX)
+    try:
+        nsrun(hv, "nft", "delete", "table", "bridge", "segguard", check=True)
+        cmd = ["ip", "netns", "exec", hv, PY, "-m", "segguard.cli", "apply", "-c", str(cfg), "--json"]
+        applies = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=agent.env) for _ in range(2)]
+        # while the lock is held no writer gets through: not the agent repairing the
+        # deleted table, not either apply
+        time.sleep(2.0)
+        assert all(p.poll() is None for p in applies)
+        assert live_table(hv) is None
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+    outs = [p.communicate(timeout=60) for p in applies]
+    assert all(p.returncode == 0 for p in applies), outs
+    results = sorted(json.loads(o)["result"] for o, _ in outs)
+    # one writer created the table; whoever came after it found it in place
+    assert live_table(hv) is not None
+    assert results.count("applied") <= 1 and set(results) <= {"applied", "unchanged"}, results
+    assert "applied" in results or any(l["event"] == "applied" and "nft-change" in l.get("reasons", []) for l in agent.logs())
+
+
+DOMAIN_XML = """<domain type='qemu'><name>{name}</name><devices>
+  <interface type='bridge'><mac address='{mac}'/><source bridge='br0'/><model type='virtio'/></interface>
+</devices></domain>"""
+
+
+def _hook(ns: str, env: dict, cfg: Path, name: str, mac: str, op: str = "prepare", sub: str = "begin") -> subprocess.CompletedProcess:
+    # exactly libvirt's call: /etc/libvirt/hooks/qemu <domain> <operation> <sub-op> <extra>, XML on stdin
+    return subprocess.run(["ip", "netns", "exec", ns, PY, "-m", "segguard.agent.libvirt_hook", "--config", str(cfg), name, op, sub, "-"],
+                          input=DOMAIN_XML.format(name=name, mac=mac), capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_libvirt_hook_as_libvirt_calls_it(lab, agent, cfg, tmp_path):
+    hv = lab.topology.hv_ns
+    # policy loaded (the agent applied it): the legacy guest may start
+    for op in (("prepare", "begin"), ("start", "begin")):
+        ok = _hook(hv, agent.env, cfg, "newvm-1", NEW_MAC.upper(), *op)
+        assert ok.returncode == 0, ok.stderr
+    assert _hook(hv, agent.env, cfg, "ordinary", "52:54:00:bb:00:01").returncode == 0
+    agent.stop()
+    # policy missing: libvirt must abort the start, and says why
+    nsrun(hv, "nft", "delete", "table", "bridge", "segguard", check=True)
+    bad = _hook(hv, agent.env, cfg, "newvm-1", NEW_MAC)
+    assert bad.returncode != 0 and "refusing to start legacy guest newvm-1" in bad.stderr, bad.stderr
+    assert _hook(hv, agent.env, cfg, "newvm-1", NEW_MAC, "start", "begin").returncode != 0
+    # a non-legacy domain starts as if segguard were not there; other operations are not guarded
+    assert _hook(hv, agent.env, cfg, "ordinary", "52:54:00:bb:00:01").returncode == 0
+    assert _hook(hv, agent.env, cfg, "newvm-1", NEW_MAC, "stopped", "end").returncode == 0
+    # the policy of that guest changed by hand: not "loaded" either
+    assert agent.cli("apply", "-c", str(cfg)).returncode == 0
+    assert _hook(hv, agent.env, cfg, "newvm-1", NEW_MAC).returncode == 0
+    nsrun(hv, "nft", "flush", "chain", "bridge", "segguard", "out_newvm_1", check=True)
+    changed = _hook(hv, agent.env, cfg, "newvm-1", NEW_MAC)
+    assert changed.returncode != 0 and "out_newvm_1" in changed.stderr, changed.stderr
+    # the installed hook script runs the same entry point
+    from segguard.agent.install import write_hook
+    hook = write_hook(tmp_path / "hooks" / "qemu", cfg)
+    r = subprocess.run(["ip", "netns", "exec", hv, str(hook), "newvm-1", "prepare", "begin", "-"], input=DOMAIN_XML.format(name="x", mac=NEW_MAC),
+                       capture_output=True, text=True, env=agent.env, timeout=60)
+    assert r.returncode != 0 and "refusing" in r.stderr

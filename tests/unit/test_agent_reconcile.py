@@ -1,0 +1,96 @@
+"""Pure parts of the agent: element deltas, drift kinds, one guest's slice, the hook's
+XML handling, installed files."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from segguard.agent.hook import decide, domain_macs
+from segguard.agent.install import hook_text, unit_text, write_hook
+from segguard.agent.reconcile import classify_drift, guest_view
+from segguard.apply.incremental import delta_batch, element_delta
+from segguard.compile import compile_plan
+from segguard.config.validate import load_config
+from segguard.errors import SegguardError
+from segguard.host import BridgeFact, HostFacts, PortFact
+from tests.unit.test_compile import LAB
+
+
+def facts(*ports: PortFact) -> HostFacts:
+    return HostFacts(bridges=(BridgeFact("br0", ("10.30.0.1",), tuple(ports)),))
+
+
+@pytest.fixture(scope="module")
+def config():
+    return load_config(LAB)
+
+
+def test_a_tap_appearing_is_element_additions_only(config):
+    before = compile_plan(config, facts())
+    after = compile_plan(config, facts(PortFact("vnet8", "fe:54:00:aa:00:02")))
+    assert after.binding("scada-line4-srv").port == "vnet8"
+    d = element_delta(list(after.nft), list(before.nft))
+    assert d is not None and not d.empty
+    adds = dict(d.add)
+    assert ["vnet8", {"goto": {"target": "out_scada_line4_srv"}}] in adds["out_dispatch"]
+    assert ["vnet8", {"goto": {"target": "pin_scada_line4"}}] in adds["in_dispatch"]
+    assert {"concat": ["52:54:00:aa:00:02", "vnet8"]} in adds["bound_ports"]
+    assert not any(e for _, e in d.delete)
+    batch = delta_batch("segguard", d)["nftables"]
+    verbs = [next(iter(c)) for c in batch[1:]]
+    assert "delete" not in verbs or verbs.index("delete") < verbs.index("add")
+    assert not any("flush" in c for c in batch), "never flush"
+    # and removing it again is the exact inverse
+    back = element_delta(list(before.nft), list(after.nft))
+    assert dict(back.delete)["out_dispatch"] == ("vnet8",)
+    assert element_delta(list(after.nft), list(after.nft)).empty
+
+
+def test_anything_but_elements_needs_the_full_replace(config):
+    plan = compile_plan(config, facts())
+    changed = copy.deepcopy(list(plan.nft))
+    rule = next(o for o in changed if "rule" in o and o["rule"]["chain"] == "pout_xp_line3")
+    rule["rule"]["expr"] = [{"accept": None}]
+    assert element_delta(list(plan.nft), changed) is None
+    assert element_delta(list(plan.nft), None) is None
+
+
+def test_drift_is_named_by_kind(config):
+    plan = list(compile_plan(config, facts()).nft)
+    assert classify_drift(plan, None) == [("table-deleted", "table bridge segguard is gone")]
+    assert classify_drift(plan, plan) == []
+    no_rule = [o for o in plan if not ("rule" in o and o["rule"]["chain"] == "out_xp_line3_hmi")]
+    assert ("rule-changed", "chain out_xp_line3_hmi") in classify_drift(plan, no_rule)
+    fewer = copy.deepcopy(plan)
+    m = next(o for o in fewer if "map" in o and o["map"]["name"] == "out_dispatch")
+    m["map"]["elem"] = m["map"]["elem"][1:]
+    assert classify_drift(plan, fewer) == [("elements-changed", "map out_dispatch")]
+
+
+def test_guest_view_ignores_other_guests_elements(config):
+    plan = compile_plan(config, facts(PortFact("vnet8", "fe:54:00:aa:00:02")))
+    xp = plan.binding("xp-line3-hmi")
+    other = compile_plan(config, facts())  # scada unbound: only scada's elements differ
+    assert guest_view(list(plan.nft), xp) == guest_view(list(other.nft), xp)
+    scada = plan.binding("scada-line4-srv")
+    assert guest_view(list(plan.nft), scada) != guest_view(list(other.nft), scada)
+
+
+def test_domain_macs_and_unguarded_operations():
+    xml = "<domain><devices><interface><mac address='52:54:00:AA:00:01'/></interface><disk/></devices></domain>"
+    assert domain_macs(xml) == ["52:54:00:aa:00:01"]
+    assert decide("stopped", "end", "not xml at all", None).allow
+    assert not decide("prepare", "begin", "<domain", None).allow  # unparseable: fail closed
+
+
+def test_installed_files(tmp_path):
+    assert "Before=libvirt-guests.service libvirtd.service virtqemud.service" in unit_text(None, None)
+    assert "Type=notify" in unit_text(None, None) and "After=nftables.service" in unit_text(None, None)
+    assert "-m segguard.agent.libvirt_hook --config '/etc/sg'" in hook_text(tmp_path.__class__("/etc/sg"))
+    foreign = tmp_path / "qemu"
+    foreign.write_text("#!/bin/sh\nexit 0\n")
+    with pytest.raises(SegguardError):
+        write_hook(foreign, None)
+    assert write_hook(foreign, None, force=True).read_text().startswith("#!/bin/sh\n# installed by segguard")
+    write_hook(foreign, None)  # ours: replaced without --force

@@ -1,0 +1,48 @@
+"""The agent's timing rules with a fake clock: bursts cost one run, periodic tasks do
+not pile up."""
+from __future__ import annotations
+
+from segguard.agent.schedule import BoundedRunner, Periodic, Scheduler
+
+
+def test_first_request_runs_at_once_and_a_burst_costs_one_run():
+    runs = []
+    r = BoundedRunner(lambda reasons: runs.append(set(reasons)), min_interval=0.1)
+    r.request("link-new")
+    assert r.maybe_run(10.0) and runs == [{"link-new"}]
+    for i in range(1000):
+        r.request("link-new" if i % 2 else "nft-change")
+    assert not r.maybe_run(10.05)  # within min_interval of the last run
+    assert r.deadline() == 10.1
+    assert r.maybe_run(10.1) and runs[-1] == {"link-new", "nft-change"}
+    assert r.runs == 2 and not r.maybe_run(20.0)  # nothing pending, no max_interval
+
+
+def test_max_interval_forces_a_run_without_requests():
+    runs = []
+    r = BoundedRunner(lambda reasons: runs.append(reasons), min_interval=0.1, max_interval=5.0, last_run=0.0)
+    assert not r.maybe_run(4.9)
+    assert r.maybe_run(5.0) and runs == [frozenset({"periodic"})]
+
+
+def test_periodic_skips_missed_periods_and_can_be_disabled():
+    n = []
+    p = Periodic(lambda: n.append(1), every=10.0)
+    p.start(0.0)
+    assert not p.maybe_run(9.9)
+    assert p.maybe_run(55.0) and n == [1] and p.next_at == 60.0
+    off = Periodic(lambda: n.append(2), every=None)
+    off.start(0.0)
+    assert off.deadline() is None and not off.maybe_run(1e9)
+
+
+def test_scheduler_timeout_is_the_earliest_deadline():
+    s = Scheduler()
+    r = s.add(BoundedRunner(lambda _: None, min_interval=1.0, last_run=0.0))
+    p = s.add(Periodic(lambda: None, every=30.0))
+    p.start(0.0)
+    assert s.timeout(0.0) == 30.0
+    r.request("x")
+    assert s.timeout(0.5) == 0.5
+    assert s.run_due(1.0) == 1
+    assert s.timeout(1.0, cap=5.0) == 5.0
