@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${SEGGUARD_VENV:-$PWD/.venv}
 APT_PACKAGES=(nftables python3-nftables python3-venv python3-pip iproute2 kmod
-              qemu-system-x86 busybox-static)
+              qemu-system-x86 busybox-static
+              vagrant)  # only for `vagrant validate` of vagrant/Vagrantfile (tests/unit/test_vagrant.py)
 
 need_apt() {
   local missing=()
