@@ -13,13 +13,17 @@ from segguard.errors import ApplyError, ConfigError, SegguardError
 EXIT_CODES = """Exit codes: 0 ok; 1 error; 2 invalid config (nothing applied); 3 host facts
 unreadable; 4 the kernel refused the transaction or read-back differed (the previous
 policy stays in force); 5 verification failed (an expectation did not hold); 6 lab
-error; 10 `plan` found changes to apply."""
+error; 7 a VLAN change was refused (it takes VLANs from ports that are not legacy
+guests; site.yaml must allow it; nothing applied); 8 site.yaml requires the VLAN layer
+and this host cannot carry it (nothing applied); 10 `plan` found changes to apply."""
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
                   help="Wall off legacy VMs on a KVM host: nftables bridge rules, VLAN filters, "
                        "proven by real packets.\n\n" + EXIT_CODES)
 lab_app = typer.Typer(no_args_is_help=True, help="A hypervisor, guests, a DC, a router and an 'internet' in network namespaces.")
 app.add_typer(lab_app, name="lab")
+audit_app = typer.Typer(no_args_is_help=True, help="Reports about the host, for the people who run its network.")
+app.add_typer(audit_app, name="audit")
 
 ConfigOpt = typer.Option(None, "--config", "-c", envvar="SEGGUARD_CONFIG",
                          help="config directory holding site.yaml and profiles/*.yaml [default: /etc/segguard]")
@@ -65,9 +69,10 @@ def plan(config: Optional[Path] = ConfigOpt, offline: bool = typer.Option(False,
     from segguard.apply.nftables import NftablesApplier
 
     diff = NftablesApplier().diff(p)
+    vlan_changes = any(bv.changed for bv in p.vlans)
     if as_json:
-        _out(json.dumps({"changes": not diff.empty, "missing": list(diff.missing), "unexpected": list(diff.unexpected),
-                         "plan": p.to_dict()}, indent=2, sort_keys=True))
+        _out(json.dumps({"changes": not diff.empty or vlan_changes, "missing": list(diff.missing), "unexpected": list(diff.unexpected),
+                         "vlan_changes": vlan_changes, "plan": p.to_dict()}, indent=2, sort_keys=True))
     else:
         console.print(bindings_table(p))
         for w in p.warnings:
@@ -78,7 +83,11 @@ def plan(config: Optional[Path] = ConfigOpt, offline: bool = typer.Option(False,
             _out(f"{len(diff.missing)} objects to add, {len(diff.unexpected)} to remove:")
             for line in diff.describe(limit=50):
                 _out("  " + line)
-    if not diff.empty:
+        from segguard.audit import vlan_plan_lines
+
+        for line in vlan_plan_lines(p):
+            _out(line)
+    if not diff.empty or vlan_changes:
         raise typer.Exit(10)
 
 
@@ -92,6 +101,9 @@ def _plan_summary(p) -> str:
     for b in p.bindings:
         lines.append(f"  {b.guest} ({b.profile}): {b.mac} on {b.bridge}/{b.port or 'UNBOUND'} [{b.source}] {b.mode}")
     lines += [f"warning: {w}" for w in p.warnings]
+    from segguard.audit import vlan_plan_lines
+
+    lines += vlan_plan_lines(p)
     return "\n".join(lines)
 
 
@@ -106,12 +118,17 @@ def apply(config: Optional[Path] = ConfigOpt, dry_run: bool = typer.Option(False
     state = "would change" if dry_run and result.changed else ("applied" if result.changed else "unchanged")
     if as_json:
         _out(json.dumps({"result": state, "stateful": p.stateful, "seconds": round(result.seconds, 4),
-                         "guests": len(p.bindings), "warnings": list(p.warnings)}))
+                         "guests": len(p.bindings), "warnings": list(p.warnings) + list(result.warnings),
+                         "vlan": [r.to_dict() for r in result.vlan_reports]}))
         return
     for w in p.warnings:
         _out(f"warning: {w}")
     mode = "stateful (conntrack: ct state)" if p.stateful else "stateless reply rules (no nf_conntrack_bridge)"
     _out(f"{state}: table bridge {p.table}, {len(p.bindings)} legacy guests, {mode}, {result.seconds * 1000:.0f} ms")
+    for r in result.vlan_reports:
+        _out(f"VLAN layer, bridge {r.bridge}: {'applied' if r.changed else 'unchanged'}, read back equal to the plan")
+    for w in result.warnings:
+        _out(f"warning: {w}")
 
 
 @app.command()
@@ -121,20 +138,41 @@ def status(config: Optional[Path] = ConfigOpt, as_json: bool = JsonOpt) -> None:
     from segguard.flow import build_plan, last_applied
     from segguard.report import bindings_table, console
 
-    cfg, hf, p = build_plan(config)
+    from segguard.flow import read_state
+
+    agent = read_state("agent")
+    config_problems = None
+    try:
+        cfg, hf, p = build_plan(config)
+    except ConfigError as exc:
+        # The agent keeps enforcing the last good config; say so, and judge the kernel by it.
+        from segguard.agent.state import plan_from_dict
+        from segguard.host import HostFacts
+
+        config_problems = [str(pr) for pr in exc.problems]
+        prev = last_applied()
+        if prev is None:
+            raise
+        p, hf = plan_from_dict(prev), HostFacts(bridge_conntrack=bool(prev.get("stateful")))
     applier = NftablesApplier()
     realized = applier.realized(p.table)
     diff = applier.diff(p)
     live_stateful = None if realized is None else any(
         "ct" in json.dumps(o) and '"state"' in json.dumps(o) for o in realized if "rule" in o)
+    from segguard.audit import vlan_status, vlan_status_lines
+
+    vlans = vlan_status(p)
     data = {
-        "table": p.table, "table_present": realized is not None, "in_sync": diff.empty and realized is not None,
+        "table": p.table, "table_present": realized is not None, "in_sync": diff.empty and realized is not None and vlans["in_sync"],
         "reply_mode_live": None if live_stateful is None else ("stateful (ct state)" if live_stateful else "stateless"),
         "conntrack_bridge_available": hf.bridge_conntrack,
-        "vlan_layer": "missing: kernel lacks bridge VLAN filtering" if not hf.vlan_filtering else "available",
+        "vlan_layer": "missing: kernel lacks bridge VLAN filtering" if not hf.vlan_filtering else vlans["layer"],
+        "vlans": vlans["bridges"],
         "guests": [b.__dict__ for b in p.bindings],
         "drift": diff.describe(limit=20),
         "last_applied_guests": len((last_applied() or {}).get("bindings", [])),
+        "config_error": config_problems,
+        "agent": agent,
     }
     if as_json:
         _out(json.dumps(data, indent=2, sort_keys=True))
@@ -143,9 +181,34 @@ def status(config: Optional[Path] = ConfigOpt, as_json: bool = JsonOpt) -> None:
         _out(f"table bridge {p.table}: {'present' if realized is not None else 'ABSENT'}; "
              f"{'realized == desired' if data['in_sync'] else 'DRIFT: ' + '; '.join(data['drift'][:5])}")
         _out(f"reply mode live: {data['reply_mode_live'] or '-'} (nf_conntrack_bridge {'available' if hf.bridge_conntrack else 'missing'})")
-        _out(f"VLAN layer: {data['vlan_layer']}")
+        for line in vlan_status_lines({**vlans, "layer": data["vlan_layer"]}):
+            _out(line)
+        for line in config_problems or ():
+            _out(f"config INVALID (last good policy still enforced): {line}")
+        if agent:
+            _agent_status(agent)
+    if config_problems:
+        raise typer.Exit(2)
     if not data["in_sync"]:
         raise typer.Exit(1)
+
+
+def _agent_status(agent: dict) -> None:
+    import datetime
+
+    def when(ts):
+        return datetime.datetime.fromtimestamp(ts).strftime("%H:%M:%S") if ts else "-"
+
+    la, ld = agent.get("last_apply") or {}, agent.get("last_drift") or {}
+    _out(f"agent: pid {agent.get('pid')}, {'ready' if agent.get('ready') else 'starting'}; last apply {la.get('kind', '-')} "
+         f"{la.get('result', '')} at {when(la.get('at'))}; last drift {ld.get('kind', '-')} at {when(ld.get('at'))}")
+    for line in agent.get("config_error") or ():
+        _out(f"agent config error (last good policy still enforced): {line}")
+    for name, g in sorted((agent.get("guests") or {}).items()):
+        d, v = g.get("last_drift") or {}, g.get("last_verify") or {}
+        verdict = "-" if not v else ("pass" if v.get("ok") else "FAIL: " + "; ".join(v.get("problems", [])[:2]))
+        _out(f"  {name}: port {g.get('port') or 'UNBOUND'}; desired {g.get('desired')}; realized {g.get('realized')}; "
+             f"last drift {d.get('kind', '-')} {when(d.get('at')) if d else ''}; last verify {verdict} {when(v.get('at')) if v else ''}")
 
 
 @app.command()
@@ -227,6 +290,65 @@ def lab_run(prefix: str = typer.Option("sglab-", "--prefix"), config: Optional[P
 
     results = run(prefix, config, keep=keep)
     _render_results(results, as_json)
+
+
+@app.command()
+def agent(config: Optional[Path] = ConfigOpt,
+          metrics: Optional[str] = typer.Option(None, "--metrics", help="serve Prometheus metrics on ADDR:PORT (default addr 127.0.0.1)"),
+          verify_every: float = typer.Option(300.0, "--verify-every", help="seconds between per-guest verifications (0: never)"),
+          drift_every: float = typer.Option(30.0, "--drift-every", help="seconds between full drift checks besides the event-driven ones")) -> None:
+    """The host agent: apply, then keep the kernel holding the plan as taps come and go,
+    the config changes and hands change the ruleset. Stopping it removes nothing."""
+    from segguard.agent import Agent
+
+    addr = None
+    if metrics:
+        host, _, port = metrics.rpartition(":")
+        addr = (host or "127.0.0.1", int(port))
+    raise typer.Exit(Agent(config, metrics_addr=addr, verify_every=verify_every or None, drift_every=drift_every or None).run())
+
+
+@app.command("install-hook")
+def install_hook(config: Optional[Path] = ConfigOpt,
+                 path: Path = typer.Option(Path("/etc/libvirt/hooks/qemu"), "--path", help="hook file to write"),
+                 force: bool = typer.Option(False, "--force", help="replace a hook segguard did not write")) -> None:
+    """Install the libvirt qemu hook that refuses to start a legacy guest whose policy is not loaded."""
+    from segguard.agent.install import write_hook
+
+    _out(f"wrote {write_hook(path, config, force)}")
+
+
+@app.command("install-unit")
+def install_unit(config: Optional[Path] = ConfigOpt,
+                 path: Path = typer.Option(Path("/etc/systemd/system/segguard-agent.service"), "--path", help="unit file to write"),
+                 metrics: Optional[str] = typer.Option(None, "--metrics", help="ADDR:PORT for the agent's metrics")) -> None:
+    """Install the systemd unit of the agent, ordered before libvirt's guest autostart."""
+    from segguard.agent.install import write_unit
+
+    _out(f"wrote {write_unit(path, config, metrics)}; run: systemctl daemon-reload && systemctl enable --now segguard-agent")
+
+
+@audit_app.command("vlans")
+def audit_vlans(config: Optional[Path] = ConfigOpt, as_json: bool = JsonOpt,
+                facts: Optional[Path] = typer.Option(None, "--facts", help="host facts JSON instead of this host's kernel")) -> None:
+    """Per bridge: the VLANs the uplink trunks, which ports use each, those nothing on this
+    host uses, and every port (legacy or not) that can reach a management VLAN."""
+    from segguard.audit import audit_lines, audit_vlans as build
+    from segguard.config.validate import load_config
+    from segguard.flow import build_plan, live_facts
+    from segguard.host import HostFacts
+
+    cfg = load_config(config)
+    if facts is not None:
+        hf = HostFacts.from_dict(json.loads(facts.read_text()))
+    else:
+        names = sorted({lp.profile.bridge for lp in cfg.profiles} | set(cfg.site.bridges))
+        from segguard.host.netlink import read_host_facts
+
+        hf = read_host_facts(names)
+    _, _, p = build_plan(config, hf)
+    report = build(cfg, hf, p)
+    _out(json.dumps(report, indent=2, sort_keys=True) if as_json else "\n".join(audit_lines(report)))
 
 
 def main() -> None:

@@ -69,3 +69,22 @@ class VerifyFailed(SegguardError):
 
 class LabError(SegguardError):
     exit_code = 6
+
+
+class VlanChangeRefused(SegguardError):
+    """The VLAN plan would take VLANs away from ports that are not legacy guests (or is
+    contradictory); nothing was applied. `refusals` are compile.vlan.Refusal objects."""
+
+    exit_code = 7
+
+    def __init__(self, refusals: list[Any]):
+        self.refusals = list(refusals)
+        super().__init__("refusing to change bridge VLANs; nothing was applied:\n"
+                         + "\n".join(f"  {r.bridge}: {r.message}" for r in self.refusals))
+
+
+class VlanLayerMissing(SegguardError):
+    """site.yaml `vlan_layer_required` is set and the VLAN layer cannot be applied here;
+    nothing was applied (the nftables layer neither)."""
+
+    exit_code = 8

@@ -58,19 +58,32 @@ class ApplyResult:
     changed: bool
     plan: Plan
     seconds: float
+    warnings: tuple[str, ...] = ()     # the VLAN layer's: missing here, hardening the kernel lacks
+    vlan_reports: tuple = ()           # apply.bridge.BridgeReport per bridge changed or checked
 
 
 def apply_plan(plan: Plan, dry_run: bool = False) -> ApplyResult:
+    from segguard.apply.bridge import BridgeApplier, check_vlan_plan
     from segguard.apply.nftables import NftablesApplier
 
     start = time.monotonic()
+    # refusals and a required-but-missing VLAN layer stop apply before either layer moves
+    check_vlan_plan(plan)
+    warnings = [f"VLAN layer missing: {plan.vlan_layer}; only the nftables layer is enforced"] if plan.vlan_layer else []
+    warnings += [bv.reason for bv in plan.vlans if not bv.managed]
+    warnings += [w for bv in plan.vlans for w in bv.warnings]
     applier = NftablesApplier()
     if dry_run:
-        return ApplyResult(not applier.diff(plan).empty, plan, time.monotonic() - start)
+        changed = not applier.diff(plan).empty or any(bv.changed for bv in plan.vlans)
+        return ApplyResult(changed, plan, time.monotonic() - start, tuple(warnings))
     with writer_lock():
         changed = applier.apply(plan)
+        reports = BridgeApplier().apply(plan.vlans) if plan.vlans else []
         record_applied(plan)
-    return ApplyResult(changed, plan, time.monotonic() - start)
+    for r in reports:
+        warnings += [f"{r.bridge}: kernel lacks {x}" for x in r.lacking]
+    changed = changed or any(r.changed for r in reports)
+    return ApplyResult(changed, plan, time.monotonic() - start, tuple(warnings), tuple(reports))
 
 
 def record_applied(plan: Plan) -> None:

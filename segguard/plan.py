@@ -37,6 +37,10 @@ class Plan:
     # the VLAN layer: one compile.vlan.BridgeVlanPlan per bridge a profile names; empty
     # where the kernel has no bridge VLAN filtering (and then absent from the JSON)
     vlans: tuple[Any, ...] = ()
+    # "" or why this host has no VLAN layer (a kernel without bridge VLAN filtering),
+    # and site.yaml vlan_layer_required; derived from facts and site, so not in the JSON
+    vlan_layer: str = ""
+    vlan_required: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = {

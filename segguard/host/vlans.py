@@ -11,7 +11,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-RTEXT_FILTER_BRVLAN_COMPRESSED = 8
+RTEXT_FILTER_BRVLAN_COMPRESSED = 4  # (1 << 2); 8 is SKIP_STATS
 VLAN_INFO_PVID = 0x2
 VLAN_INFO_UNTAGGED = 0x4
 VLAN_INFO_RANGE_BEGIN = 0x8
