@@ -134,7 +134,7 @@ def apply(config: Optional[Path] = ConfigOpt, dry_run: bool = typer.Option(False
 @app.command()
 def status(config: Optional[Path] = ConfigOpt, as_json: bool = JsonOpt) -> None:
     """Desired (config) vs realized (kernel) per guest, and which reply mode is live."""
-    from segguard.apply.nftables import NftablesApplier
+    from segguard.apply.nftables import NftablesApplier, uses_conntrack
     from segguard.flow import build_plan, last_applied
     from segguard.report import bindings_table, console
 
@@ -157,8 +157,7 @@ def status(config: Optional[Path] = ConfigOpt, as_json: bool = JsonOpt) -> None:
     applier = NftablesApplier()
     realized = applier.realized(p.table)
     diff = applier.diff(p)
-    live_stateful = None if realized is None else any(
-        "ct" in json.dumps(o) and '"state"' in json.dumps(o) for o in realized if "rule" in o)
+    live_stateful = None if realized is None else uses_conntrack(realized)
     from segguard.audit import vlan_status, vlan_status_lines
 
     vlans = vlan_status(p)

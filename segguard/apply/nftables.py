@@ -155,6 +155,15 @@ def rule_order(objects: list[dict[str, Any]]) -> dict[str, list[str]]:
     return chains
 
 
+def uses_conntrack(objects: list[dict[str, Any]]) -> bool:
+    """Whether any rule matches on `ct state`: the live table is the stateful kind."""
+    def has_ct(node: Any) -> bool:
+        if isinstance(node, dict):
+            return node.get("ct", {}).get("key") == "state" if "ct" in node else any(has_ct(v) for v in node.values())
+        return isinstance(node, list) and any(has_ct(v) for v in node)
+    return any(has_ct(o["rule"]["expr"]) for o in objects if "rule" in o)
+
+
 class NftablesApplier:
     def __init__(self, nft: Nft | None = None):
         self.nft = nft or Nft()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -476,3 +477,11 @@ def test_two_guests_never_share_a_dispatch_key(tmp_path):
     assert "vnet5" not in keys
     assert all(b.port is None and b.source == "unbound" for b in plan.bindings)
     assert sum("also claimed by" in w for w in plan.warnings) == 2
+
+
+def test_reply_mode_is_read_from_the_rules_themselves():
+    from segguard.apply.nftables import uses_conntrack
+
+    stateless = compile_plan(load_config(LAB), lab_facts())
+    stateful = compile_plan(load_config(LAB), replace(lab_facts(), bridge_conntrack=True))
+    assert uses_conntrack(list(stateful.nft)) and not uses_conntrack(list(stateless.nft))
