@@ -160,7 +160,7 @@ def apply_delta(plan: Plan, delta: ElementDelta, nft: Nft | None = None) -> None
     batch = delta_batch(plan.table, delta)
     applier.nft.run(batch, "element updates of the segguard table")
     after = applier.realized(plan.table)
-    if after is None or not applier._same(plan, after):
+    if after is None or not applier.same(plan, after):
         d = diff_objects(list(plan.nft), after)
         raise ApplyError("read-back of table bridge %s differs from the plan after element updates" % plan.table,
                          batch=batch, details=d.describe())

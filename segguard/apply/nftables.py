@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,24 +93,45 @@ def _canonical_sets(value: Any) -> Any:
     return value
 
 
+def canonical_key(obj: dict[str, Any]) -> str:
+    """One object as a canonical string, without what differs between what we send and
+    what the kernel lists without being a difference in policy: handles, counter
+    values, element order of sets, and (libnftables 1.0.x lists netdev chains without
+    their device) the device of a netdev chain, which its name in_<port> carries and
+    the probes prove. Builds new containers; never mutates `obj`."""
+    kind, body = next(iter(obj.items()))
+    body = {k: v for k, v in body.items() if k not in _VOLATILE}
+    if kind == "chain" and body.get("family") == "netdev":
+        body.pop("dev", None)
+    if kind == "rule":
+        body["expr"] = [({"counter": None} if "counter" in e else _canonical_sets(e)) for e in body["expr"]]
+    if kind in ("set", "map") and "elem" in body:
+        body["elem"] = sorted(body["elem"], key=lambda e: json.dumps(e, sort_keys=True))
+    return json.dumps({kind: body}, sort_keys=True)
+
+
 def normalize(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Strip what differs between what we send and what the kernel lists without being
-    a difference in policy: handles, counter values, and element order of named sets."""
-    out = []
-    for obj in objects:
-        kind, body = next(iter(obj.items()))
-        body = {k: v for k, v in copy.deepcopy(body).items() if k not in _VOLATILE}
-        if kind == "chain" and body.get("family") == "netdev":
-            # libnftables 1.0.x lists netdev chains without their device; the chain's
-            # name carries the port (in_<port>) and the probes prove the effect
-            body.pop("dev", None)
-        if kind == "rule":
-            body["expr"] = [({"counter": None} if "counter" in e else _canonical_sets(e)) for e in body["expr"]]
-        if kind in ("set", "map") and "elem" in body:
-            body["elem"] = sorted(body["elem"], key=lambda e: json.dumps(e, sort_keys=True))
-        out.append({kind: body})
-    # the kernel lists sets, then maps, then chains with their rules: compare by content
-    return sorted(out, key=lambda o: json.dumps(o, sort_keys=True))
+    """The objects in canonical form, sorted by content (the kernel lists sets, maps,
+    then chains with their rules; creation order is not comparable)."""
+    return [json.loads(k) for k in sorted(canonical_key(o) for o in objects)]
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What makes two rulesets the same policy: the multiset of canonical objects, and
+    the order of rules within each chain."""
+
+    objects: Counter
+    order: dict[str, list[str]]  # "family chain" -> rule keys in order
+
+    @classmethod
+    def of(cls, objects: list[dict[str, Any]]) -> "Fingerprint":
+        keys = [canonical_key(o) for o in objects]
+        order: dict[str, list[str]] = {}
+        for obj, key in zip(objects, keys):
+            if "rule" in obj:
+                order.setdefault(f'{obj["rule"]["family"]} {obj["rule"]["chain"]}', []).append(key)
+        return cls(Counter(keys), order)
 
 
 @dataclass(frozen=True)
@@ -132,14 +154,11 @@ class TableDiff:
         return lines
 
 
-def diff_objects(desired: list[dict[str, Any]], realized: list[dict[str, Any]] | None) -> TableDiff:
-    want = normalize(desired)
-    have = normalize(realized or [])
-    want_keys = [json.dumps(o, sort_keys=True) for o in want]
-    have_keys = [json.dumps(o, sort_keys=True) for o in have]
+def diff_objects(desired: list[dict[str, Any]], realized: list[dict[str, Any]] | None,
+                 want: Fingerprint | None = None) -> TableDiff:
+    w = (want or Fingerprint.of(desired)).objects
+    h = Fingerprint.of(realized or []).objects
     # multiset difference: a duplicated rule is a difference too
-    from collections import Counter
-    w, h = Counter(want_keys), Counter(have_keys)
     missing = [json.loads(k) for k in sorted((w - h).elements())]
     unexpected = [json.loads(k) for k in sorted((h - w).elements())]
     return TableDiff(tuple(missing), tuple(unexpected))
@@ -147,12 +166,7 @@ def diff_objects(desired: list[dict[str, Any]], realized: list[dict[str, Any]] |
 
 def rule_order(objects: list[dict[str, Any]]) -> dict[str, list[str]]:
     """Rule order per chain matters for semantics; compare it separately from content."""
-    chains: dict[str, list[str]] = {}
-    for obj in objects:
-        if "rule" in obj:
-            body = obj["rule"]
-            chains.setdefault(body["chain"], []).append(json.dumps(normalize([obj])[0], sort_keys=True))
-    return chains
+    return Fingerprint.of(objects).order
 
 
 def uses_conntrack(objects: list[dict[str, Any]]) -> bool:
@@ -180,20 +194,22 @@ class NftablesApplier:
 
     def apply(self, plan: Plan) -> bool:
         """Make the kernel hold `plan`. Returns False if it already did (nothing sent)."""
+        want = Fingerprint.of(list(plan.nft))
         current = self.realized(plan.table)
-        if current is not None and self._same(plan, current):
+        if current is not None and Fingerprint.of(current) == want:
             return False
         batch = replace_batch(plan)
         self.nft.run(batch, "the segguard table")
         after = self.realized(plan.table)
-        if after is None or not self._same(plan, after):
-            d = diff_objects(list(plan.nft), after)
+        if after is None or Fingerprint.of(after) != want:
+            d = diff_objects(list(plan.nft), after, want)
+            details = d.describe() if not d.empty else ["same rules, different order within a chain"]
             raise ApplyError("read-back of table bridge %s differs from the plan" % plan.table,
-                             batch=batch, details=d.describe())
+                             batch=batch, details=details)
         return True
 
-    def _same(self, plan: Plan, realized: list[dict[str, Any]]) -> bool:
-        return diff_objects(list(plan.nft), realized).empty and rule_order(list(plan.nft)) == rule_order(realized)
+    def same(self, plan: Plan, realized: list[dict[str, Any]] | None) -> bool:
+        return realized is not None and Fingerprint.of(realized) == Fingerprint.of(list(plan.nft))
 
     def remove(self, table: str) -> bool:
         present = tuple(f for f in FAMILIES if self.nft.list_table(table, f) is not None)

@@ -51,15 +51,6 @@ def ref(set_name: str) -> str:
     return "@" + set_name
 
 
-def any_of(values: list[Any]) -> Any:
-    """A scalar for one value, an anonymous set for several (as nft prints them)."""
-    return values[0] if len(values) == 1 else {"set": list(values)}
-
-
-def ports(ranges: tuple[tuple[int, int], ...]) -> Any:
-    return any_of([lo if lo == hi else {"range": [lo, hi]} for lo, hi in ranges])
-
-
 def addr_elem(net: netaddr.IPNetwork) -> Any:
     if net.size == 1:
         return str(net.ip)
