@@ -9,6 +9,7 @@ cd "$(dirname "$0")"
 VENV=${SEGGUARD_VENV:-$PWD/.venv}
 APT_PACKAGES=(nftables python3-nftables python3-venv python3-pip iproute2 kmod
               qemu-system-x86 busybox-static
+              libvirt-daemon-system libvirt-clients python3-libvirt
               vagrant)  # only for `vagrant validate` of vagrant/Vagrantfile (tests/unit/test_vagrant.py)
 
 need_apt() {

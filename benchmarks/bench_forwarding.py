@@ -1,0 +1,193 @@
+"""Bridge forwarding with 1,000 guests' policies loaded, traffic to the LAST guest:
+throughput (iperf3, TCP) and request/response latency (1-byte TCP ping-pong, p50/p99),
+for three configurations of the same bridge, interleaved round by round:
+  none      no nftables table at all
+  segguard  segguard's table: dispatch by port through verdict maps
+  naive     the foil: one linear chain of per-guest rules (22 per guest), the last
+            guest's rules at the end, as a per-guest-rules design would be
+Namespaces: sgb-fhv (bridge br0), sgb-fcli (the sender, a jump host the profile admits
+on tcp/5201 and tcp/3389), sgb-fsrv (guest g00999 on port vnet999). Offloads (TSO, GSO,
+GRO, checksums, SG) are off on every veth end, so the filter sees every packet as sent.
+
+The 1,000 guests share one profile (per-guest identity chains, dispatch entries and
+MAC bindings for each): with one profile per guest the table takes tens of minutes to
+load today (see bench_apply); the per-packet path is the same, a map lookup by port."""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+from benchmarks import common as c
+
+N = 1000
+LAST = N - 1
+CLI_MAC = "52:54:00:66:00:50"
+IPERF_PORT, RR_PORT = 5201, 3389
+
+
+def build(hv: str, cli: str, srv: str) -> None:
+    from segguard.lab import netns as nl
+
+    with nl.ipr(hv) as ip:
+        br = nl.create_bridge(ip, c.BRIDGE, "52:54:00:64:00:01")
+        for port, pmac, ns, mac in (("cli0", "fe:54:00:66:00:50", cli, CLI_MAC),
+                                    (c.guest_port(LAST), c.tap_mac(LAST), srv, c.guest_mac(LAST))):
+            idx = nl.create_veth(ip, port, pmac, "eth0", mac, ns)
+            nl.enslave(ip, idx, br)
+            nl.set_up(ip, idx)
+        nl.set_up(ip, br)
+    nl.write_sysctls(hv, {"net.bridge.bridge-nf-call-iptables": 0, "net.bridge.bridge-nf-call-ip6tables": 0,
+                          "net.bridge.bridge-nf-call-arptables": 0}, missing_ok=True)
+    for ns, addr, peer, peer_mac in ((cli, c.CLIENT_V4, c.guest_v4(LAST), c.guest_mac(LAST)),
+                                     (srv, c.guest_v4(LAST), c.CLIENT_V4, CLI_MAC)):
+        with nl.ipr(ns) as ip:
+            idx = nl.link_index(ip, "eth0")
+            nl.add_address(ip, idx, addr + "/8")
+            nl.set_up(ip, idx)
+            nl.add_permanent_neighbor(ip, idx, peer, peer_mac)
+    for ns, ifs in ((hv, ["cli0", c.guest_port(LAST)]), (cli, ["eth0"]), (srv, ["eth0"])):
+        for ifname in ifs:
+            subprocess.run(["ip", "netns", "exec", ns, "ethtool", "-K", ifname, "tso", "off", "gso", "off", "gro", "off",
+                            "tx", "off", "rx", "off", "sg", "off"], check=True, capture_output=True)
+
+
+def naive_batch() -> dict:
+    """One bridge forward chain, 22 rules per guest matched in order."""
+    t = "sgb_naive"
+    cmds: list[dict] = [{"metainfo": {"json_schema_version": 1}}, {"add": {"table": {"family": "bridge", "name": t}}},
+                        {"add": {"chain": {"family": "bridge", "table": t, "name": "forward", "type": "filter",
+                                           "hook": "forward", "prio": -190, "policy": "accept"}}}]
+
+    def rule(*exprs):
+        cmds.append({"add": {"rule": {"family": "bridge", "table": t, "chain": "forward", "expr": list(exprs)}}})
+
+    def m(left, right, op="=="):
+        return {"match": {"op": op, "left": left, "right": right}}
+
+    def pl(proto, field):
+        return {"payload": {"protocol": proto, "field": field}}
+
+    acc = {"accept": None}
+    peers_in = ["10.65.0.30", c.CLIENT_V4, "10.65.0.24"]
+    for k in range(N):
+        port, own = c.guest_port(k), c.guest_v4(k)
+        oif, iif = m({"meta": {"key": "oifname"}}, port), m({"meta": {"key": "iifname"}}, port)
+        # to the guest: ingress services from its peers, replies from its egress peers
+        for peer in peers_in[:2]:
+            for dport in (22, 3389, 5201):
+                rule(oif, m(pl("ip", "saddr"), peer), m(pl("tcp", "dport"), dport), acc)
+        rule(oif, m(pl("ip", "saddr"), "10.65.0.20"), m(pl("tcp", "sport"), 1433), acc)
+        rule(oif, m(pl("ether", "type"), "arp"), acc)
+        rule(oif, {"drop": None})
+        # from the guest: its own address only, then egress rules and replies
+        rule(iif, m(pl("ether", "saddr"), c.guest_mac(k), "!="), {"drop": None})
+        rule(iif, m(pl("ether", "type"), "arp"), acc)
+        rule(iif, m(pl("ip", "saddr"), own, "!="), {"drop": None})
+        rule(iif, m(pl("ip", "daddr"), "10.65.0.20"), m(pl("tcp", "dport"), 1433), acc)
+        for peer in peers_in[:2]:
+            for sport in (22, 3389, 5201):
+                rule(iif, m(pl("ip", "daddr"), peer), m(pl("tcp", "sport"), sport), acc)
+        rule(iif, {"drop": None})
+    return {"nftables": cmds}
+
+
+def iperf(cli: str, seconds: int) -> float:
+    out = subprocess.run(["ip", "netns", "exec", cli, "iperf3", "-c", c.guest_v4(LAST), "-p", str(IPERF_PORT),
+                          "-t", str(seconds), "-J"], capture_output=True, text=True, check=True, timeout=seconds + 30)
+    return json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]
+
+
+def rr(cli: str, count: int) -> list[float]:
+    out = subprocess.run(["ip", "netns", "exec", cli, sys.executable, "-m", "benchmarks._rr", "client",
+                          c.guest_v4(LAST), str(RR_PORT), str(count)], capture_output=True, text=True, check=True,
+                         cwd=c.ROOT, timeout=120)
+    return json.loads(out.stdout)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=4, help="iperf3 duration per sample")
+    ap.add_argument("--rr", type=int, default=3000, help="round trips per latency sample")
+    args = ap.parse_args(argv)
+    c.require_root()
+    c.apt_install("iperf3", "ethtool")
+    from segguard.apply.nftables import Nft, replace_batch
+    from segguard.compile import compile_plan
+    from segguard.config.validate import load_config
+    from segguard.lab import netns as nl
+
+    servers: list[subprocess.Popen] = []
+    res = {k: {"bps": [], "rtt": []} for k in ("none", "segguard", "naive")}
+    with c.tempdir("fwd") as d, c.bench_netns("fhv") as hv, c.bench_netns("fcli") as cli, c.bench_netns("fsrv") as srv:
+        try:
+            build(hv, cli, srv)
+            c.write_fleet(d, N, shared=True)
+            plan = compile_plan(load_config(d), c.facts(N))
+            naive = naive_batch()
+            servers.append(subprocess.Popen(["ip", "netns", "exec", srv, "iperf3", "-s", "-p", str(IPERF_PORT)],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            servers.append(subprocess.Popen(["ip", "netns", "exec", srv, sys.executable, "-m", "benchmarks._rr", "server",
+                                             str(RR_PORT)], cwd=c.ROOT))
+            time.sleep(1.0)
+            with nl.enter_netns(hv):
+                nft = Nft()
+            seg_rules = sum(1 for o in plan.nft if "rule" in o)
+            naive_rules = sum(1 for x in naive["nftables"] if "rule" in x.get("add", {}))
+
+            def configure(kind: str) -> None:
+                with nl.enter_netns(hv):
+                    for tbl in ("segguard", "sgb_naive"):
+                        # text command: libnftables 1.0.6's JSON `delete table` refuses
+                        # (ENOENT) a table this context has just added through JSON
+                        rc, _, err = nft._nft.cmd(f"delete table bridge {tbl}")
+                        if rc != 0 and "No such file or directory" not in err:
+                            raise RuntimeError(f"cannot delete table bridge {tbl}: {err}")
+                    left = [t for t in ("segguard", "sgb_naive") if nft.list_table(t) is not None]
+                    assert not left, f"tables still loaded: {left}"
+                    if kind == "segguard":
+                        nft.run(replace_batch(plan), "bench segguard")
+                    elif kind == "naive":
+                        nft.run(naive, "bench naive")
+
+            for r in range(args.rounds):
+                for kind in ("none", "segguard", "naive"):
+                    configure(kind)
+                    res[kind]["bps"].append(iperf(cli, args.seconds))
+                    res[kind]["rtt"].extend(rr(cli, args.rr))
+                    print(f"  round {r + 1}/{args.rounds} {kind}: {res[kind]['bps'][-1] / 1e9:.2f} Gbit/s", flush=True)
+            configure("none")
+        finally:
+            for p in servers:
+                p.terminate()
+            for p in servers:
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    summary = {k: {"gbps": c.summarize([b / 1e9 for b in v["bps"]]), "rtt": c.summarize(v["rtt"])} for k, v in res.items()}
+    base = summary["none"]
+    rows = []
+    for k in ("none", "segguard", "naive"):
+        s = summary[k]
+        rows.append([k, {"none": 0, "segguard": seg_rules, "naive": naive_rules}[k], s["gbps"]["n"], f"{s['gbps']['median']:.2f}",
+                     f"{s['gbps']['min']:.2f} - {s['gbps']['max']:.2f}", f"{100 * s['gbps']['median'] / base['gbps']['median']:.0f} %",
+                     c.fmt_s(s["rtt"]["median"]), c.fmt_s(s["rtt"]["p99"])])
+    c.table(f"forwarding through br0, {N} guests loaded, traffic to the last guest (offloads off)",
+            ["config", "rules", "runs", "Gbit/s median", "min - max", "of none", "RTT p50", "RTT p99"], rows)
+    seg = summary["segguard"]
+    targets = {"throughput_pct_of_none": 100 * seg["gbps"]["median"] / base["gbps"]["median"],
+               "throughput_met": seg["gbps"]["median"] >= 0.95 * base["gbps"]["median"],
+               "p99_rtt_ratio": seg["rtt"]["p99"] / base["rtt"]["p99"],
+               "p99_met_strict": seg["rtt"]["p99"] <= base["rtt"]["p99"]}
+    data = {"n_guests": N, "rules": {"segguard": seg_rules, "naive": naive_rules}, "summary": summary,
+            "samples_gbps": {k: v["bps"] for k, v in res.items()}, "targets": targets}
+    c.write_result("forwarding", data)
+    return data
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Apply time vs N, segguard vs libvirt nwfilter, log-log, from benchmarks/results/*.json
+-> docs/bench-apply.png (matplotlib: `pip install .[bench]` or apt python3-matplotlib)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from benchmarks import common as c
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default=str(c.ROOT / "docs" / "bench-apply.png"))
+    args = ap.parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    apply_p = c.RESULTS / "apply.json"
+    nwf_p = c.RESULTS / "nwfilter.json"
+    if apply_p.exists():
+        data = json.loads(apply_p.read_text())
+        for shape, marker in (("per-guest", "o"), ("shared", "s")):
+            pts = sorted((r["n"], r["stats"]["full_apply"]["median"]) for r in data["results"] if r["shape"] == shape)
+            if pts:
+                ax.plot(*zip(*pts), marker=marker, label=f"segguard full atomic apply ({shape} profiles)")
+            pts = sorted((r["n"], r["stats"]["bind_tap"]["median"]) for r in data["results"] if r["shape"] == shape)
+            if pts and shape == "per-guest":
+                ax.plot(*zip(*pts), marker=marker, linestyle=":", label="segguard bind one tap with N loaded")
+    if nwf_p.exists():
+        data = json.loads(nwf_p.read_text())
+        pts = sorted((r["n"], r["nwfilter"]["create_total"]) for r in data["results"])
+        if pts:
+            ax.plot(*zip(*pts), marker="^", color="crimson", label="libvirt nwfilter: bind N ports")
+        pts = sorted((r["n"], r["segguard"]["create"]["median"]) for r in data["results"])
+        if pts:
+            ax.plot(*zip(*pts), marker="v", color="green", linestyle="--", label="segguard: same N ports, same policy (shared)")
+    ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
+    ax.text(11, 0.55, "target: 1,000 guests < 0.5 s", color="grey", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("N (guests / ports)")
+    ax.set_ylabel("seconds")
+    ax.set_title("Apply time vs N (2 shared cores; one run)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = c.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()
