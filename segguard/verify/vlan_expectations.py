@@ -7,7 +7,8 @@ These hold with the VLAN filter alone (they are what the bridge's VLAN table dec
 so a vantage can run them with the nftables table present or deleted. Each "blocked"
 probe's control is the same destination reached on that VLAN from the uplink (sender
 "uplink", the frame tagged with the destination's VLAN): the path and the sink work,
-so "not arrived" means the filter dropped it.
+so "not arrived" means the filter dropped it. "uplink" is whatever trunks those VLANs
+tagged at the vantage: the lab's uplink port, or the live vantage's probe port B.
 """
 from __future__ import annotations
 
