@@ -203,10 +203,20 @@ def _agent_status(agent: dict) -> None:
          f"{la.get('result', '')} at {when(la.get('at'))}; last drift {ld.get('kind', '-')} at {when(ld.get('at'))}")
     for line in agent.get("config_error") or ():
         _out(f"agent config error (last good policy still enforced): {line}")
+    if agent.get("vlan_layer"):
+        _out(f"agent VLAN layer: {agent['vlan_layer']}")
+    if agent.get("verifying"):
+        _out(f"agent: live verify of {agent['verifying'].get('guest')} in progress; the table holds its probe stand-in "
+             f"until it ends")
     for name, g in sorted((agent.get("guests") or {}).items()):
         d, v = g.get("last_drift") or {}, g.get("last_verify") or {}
         verdict = "-" if not v else ("pass" if v.get("ok") else "FAIL: " + "; ".join(v.get("problems", [])[:2]))
-        _out(f"  {name}: port {g.get('port') or 'UNBOUND'}; desired {g.get('desired')}; realized {g.get('realized')}; "
+        if v and "passed" in v:
+            verdict += f" ({v['passed']} held, {v['failed']} failed)"
+        vl = g.get("vlan") or {}
+        vlan = (f"; VLAN {vl.get('vlan')}: " + (f"desired {vl['desired']}, realized {vl.get('realized')}" if "desired" in vl
+                                                  else vl.get("layer", "-"))) if vl else ""
+        _out(f"  {name}: port {g.get('port') or 'UNBOUND'}; desired {g.get('desired')}; realized {g.get('realized')}{vlan}; "
              f"last drift {d.get('kind', '-')} {when(d.get('at')) if d else ''}; last verify {verdict} {when(v.get('at')) if v else ''}")
 
 
@@ -294,7 +304,8 @@ def lab_run(prefix: str = typer.Option("sglab-", "--prefix"), config: Optional[P
 @app.command()
 def agent(config: Optional[Path] = ConfigOpt,
           metrics: Optional[str] = typer.Option(None, "--metrics", help="serve Prometheus metrics on ADDR:PORT (default addr 127.0.0.1)"),
-          verify_every: float = typer.Option(300.0, "--verify-every", help="seconds between per-guest verifications (0: never)"),
+          verify_every: float = typer.Option(0.0, "--verify-every", help="seconds between rounds of real-packet verification of "
+                                             "every guest through probe ports, as `verify --live` (0, the default: never)"),
           drift_every: float = typer.Option(30.0, "--drift-every", help="seconds between full drift checks besides the event-driven ones")) -> None:
     """The host agent: apply, then keep the kernel holding the plan as taps come and go,
     the config changes and hands change the ruleset. Stopping it removes nothing."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,17 +20,36 @@ from segguard.plan import TABLE, Plan
 STATE_DIR = Path(os.environ.get("SEGGUARD_STATE", "/run/segguard"))
 
 
+_held = threading.local()
+
+
 @contextmanager
 def writer_lock(state_dir: Path | None = None) -> Iterator[None]:
     """One lock for every writer (apply, lab, agent): transactions never interleave.
-    Per network namespace, since each namespace has its own nftables."""
+    Per network namespace, since each namespace has its own nftables.
+
+    Re-entrant within a thread: the agent holds it around a live verify, whose own
+    applies take it again; flock on a second descriptor would wait for ourselves."""
     d = state_dir or _ns_state_dir()
-    d.mkdir(parents=True, exist_ok=True)
-    with open(d / "lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    held = getattr(_held, "dirs", None)
+    if held is None:
+        held = _held.dirs = {}
+    key = str(d)
+    if held.get(key):
+        held[key] += 1
         try:
             yield
         finally:
+            held[key] -= 1
+        return
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / "lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        held[key] = 1
+        try:
+            yield
+        finally:
+            held[key] = 0
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 

@@ -36,17 +36,19 @@ def _sd_notify(msg: str) -> None:
 
 class Agent:
     def __init__(self, config_dir: str | Path | None, metrics_addr: tuple[str, int] | None = None,
-                 verify_every: float | None = 300.0, drift_every: float | None = 30.0, min_interval: float = 0.05,
+                 verify_every: float | None = None, drift_every: float | None = 30.0, min_interval: float = 0.05,
                  log: Log | None = None):
         from segguard.agent.metrics import Metrics
         from segguard.agent.reconcile import Reconciler
         from segguard.agent.schedule import BoundedRunner, Periodic, Scheduler
+        from segguard.agent.verify import VerifyRounds
 
         self.log = log or Log()
         self.metrics = Metrics()
         self.metrics_addr = metrics_addr
         self.rec = Reconciler(config_dir, self.log, self.metrics)
         self.verify_results: dict = {}
+        self.verifying: dict | None = None
         self.started = time.time()
         self.ready = False
         self.stop = False
@@ -54,7 +56,8 @@ class Agent:
         self.base_interval = min_interval
         self.runner = self.sched.add(BoundedRunner(self._reconcile, min_interval))
         self.drift_tick = self.sched.add(Periodic(lambda: self.runner.request("drift-check"), drift_every))
-        self.verify_tick = self.sched.add(Periodic(self._verify, verify_every))
+        # after the runner: a reconcile requested meanwhile runs before the next guest's verify
+        self.verify_tick = self.sched.add(VerifyRounds(self._verify_guest, self._verify_targets, verify_every))
         self._reload = False
 
     # -- tasks ------------------------------------------------------------------------
@@ -71,11 +74,43 @@ class Agent:
             self.runner.min_interval = self.base_interval
         self._write_state()
 
-    def _verify(self) -> None:
-        try:
-            self.verify_results.update(self.rec.verify())
-        except Exception as exc:  # noqa: BLE001 - a failed check is a result, not a crash
-            self.log.error("verify-failed", error=repr(exc))
+    def _verify_targets(self) -> list[str]:
+        guests = [b.guest for b in self.rec.desired.bindings] if self.rec.desired else []
+        for gone in set(self.verify_results) - set(guests):
+            self.verify_results.pop(gone, None)
+            self.metrics.forget_guest(gone)
+        return guests
+
+    def _verify_guest(self, guest: str) -> None:
+        """Real packets through probe ports (verify/live.py), under the writer lock: its
+        switch to the stand-in plan and back is one writer's work, and nobody's apply
+        lands in between."""
+        from segguard.agent.verify import errored, summarize
+        from segguard.flow import writer_lock
+        from segguard.verify.live import verify_live
+
+        if self.rec.config is None:
+            return
+        at, t0 = time.time(), time.monotonic()
+        self.log.info("verify-start", guest=guest)
+        self.verifying = {"guest": guest, "since": at}
+        self._write_state()
+        with writer_lock():
+            try:
+                summary = summarize(verify_live(None, guests=[guest], config=self.rec.config), at, time.monotonic() - t0)
+            except Exception as exc:  # noqa: BLE001 - a run that could not probe is a failed result, not a crash
+                summary = errored(exc, at, time.monotonic() - t0)
+            # put the agent's plan back now, in the same lock; the switch was ours, not drift
+            try:
+                self.rec.reconcile(frozenset({"after-verify"}))
+            except Exception as exc:  # noqa: BLE001
+                self.log.error("task-failed", error=repr(exc))
+        self.verifying = None
+        self.verify_results[guest] = summary
+        self.metrics.verified(guest, summary)
+        log = self.log.info if summary["ok"] else self.log.warning
+        log("verified", guest=guest, method="live", ok=summary["ok"], passed=summary["passed"], failed=summary["failed"],
+            failing=summary["failing"][:10], error=summary.get("error"), seconds=summary["seconds"])
         self._write_state()
 
     def _write_state(self) -> None:
@@ -83,13 +118,16 @@ class Agent:
         from segguard.flow import write_state
 
         try:
-            write_state(STATE_NAME, snapshot(self.rec, self.verify_results, self.started, os.getpid(), self.ready))
+            data = snapshot(self.rec, self.verify_results, self.started, os.getpid(), self.ready)
+            # while a live verify runs the table holds its stand-in plan: status says why
+            data["verifying"] = self.verifying
+            write_state(STATE_NAME, data)
         except Exception as exc:  # noqa: BLE001 - status is a report; enforcement goes on without it
             self.log.error("state-write-failed", error=repr(exc))
 
     # -- events -------------------------------------------------------------------------
     def _on_links(self, events) -> None:
-        from segguard.agent.events import AddrEvent
+        from segguard.agent.events import AddrEvent, BridgePortEvent
 
         guarded = set(self.rec.bridges)
         guarded_idx = {i for i, (n, _) in self.links.links.items() if n in guarded}
@@ -98,6 +136,11 @@ class Agent:
             if isinstance(ev, AddrEvent):
                 if ev.index in guarded_idx:
                     self.runner.request("bridge-address")
+                continue
+            if isinstance(ev, BridgePortEvent):
+                # a port's VLAN table or bridge flags changed (`bridge vlan add`, ...)
+                if self.rec.topology.caps().vlan_filtering and (ev.index in guarded_idx or ev.master in guarded_idx):
+                    self.runner.request("bridge-port")
                 continue
             if ev.ifname.startswith("sgprobevf"):
                 continue  # the capability probe's scratch bridge
@@ -156,7 +199,6 @@ class Agent:
         self.runner.last_run = now
         for t in (self.drift_tick, self.verify_tick):
             t.start(now)
-        self._verify()
         self.ready = True
         self._write_state()
         if self.metrics_addr:

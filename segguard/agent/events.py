@@ -36,6 +36,14 @@ class AddrEvent:
     index: int
 
 
+@dataclass(frozen=True)
+class BridgePortEvent:
+    """An AF_BRIDGE notification: a port's VLAN table or bridge port flags changed."""
+
+    index: int
+    master: int | None
+
+
 class LinkMonitor:
     """Tracks ifindex -> (name, master) so a change of master reads as `moved`."""
 
@@ -54,8 +62,8 @@ class LinkMonitor:
     def fileno(self) -> int:
         return self.ipr.fileno()
 
-    def read(self) -> list[LinkEvent | AddrEvent]:
-        out: list[LinkEvent | AddrEvent] = []
+    def read(self) -> list[LinkEvent | AddrEvent | BridgePortEvent]:
+        out: list[LinkEvent | AddrEvent | BridgePortEvent] = []
         for msg in self.ipr.get():
             ev = msg.get("event")
             if ev in ("RTM_NEWADDR", "RTM_DELADDR"):
@@ -64,7 +72,10 @@ class LinkMonitor:
             if ev not in ("RTM_NEWLINK", "RTM_DELLINK"):
                 continue
             if msg.get("family", 0) == socket.AF_BRIDGE:
-                continue  # per-port bridge notifications repeat what AF_UNSPEC says
+                # link changes repeat what AF_UNSPEC says; VLAN table changes
+                # (`bridge vlan add`) come only this way
+                out.append(BridgePortEvent(msg["index"], msg.get_attr("IFLA_MASTER")))
+                continue
             idx = msg["index"]
             name = msg.get_attr("IFLA_IFNAME") or self.links.get(idx, ("?", None))[0]
             master = msg.get_attr("IFLA_MASTER")

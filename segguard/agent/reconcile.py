@@ -13,12 +13,14 @@ writer takes. Nothing here ever deletes the table or flushes anything.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from segguard.agent.vlans import FULL_CHECK, restore_view
 from segguard.apply.incremental import ELEMENT_OBJECTS, apply_delta, element_delta
 from segguard.apply.nftables import NftablesApplier, diff_objects, normalize, rule_order
 from segguard.compile import compile_plan
@@ -55,6 +57,8 @@ class TopologyReader:
     def facts(self, bridges: list[str]) -> HostFacts:
         from pyroute2 import IPRoute
 
+        from segguard.host.netlink import _vlan_facts
+
         caps = self.caps()
         if self._ipr is None:
             self._ipr = IPRoute()
@@ -69,7 +73,9 @@ class TopologyReader:
                                       for l in links.values() if l.get_attr("IFLA_MASTER") == br["index"]),
                                      key=lambda p: p.name))
                 addrs = tuple(sorted(a.get_attr("IFA_ADDRESS") for a in self._ipr.get_addr(index=br["index"])))
-                found.append(BridgeFact(name, addrs, ports))
+                # the VLAN layer's facts (one AF_BRIDGE dump) only where the kernel has one
+                vf = _vlan_facts(self._ipr, br, links) if caps.vlan_filtering else (None, ())
+                found.append(BridgeFact(name, addrs, ports, *vf))
         except OSError as exc:
             self.close()
             from segguard.errors import HostError
@@ -201,6 +207,7 @@ class Outcome:
     drift: list[tuple[str, str]] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)
     error: str | None = None
+    vlan_changes: list[str] = field(default_factory=list)
 
 
 class Reconciler:
@@ -223,6 +230,9 @@ class Reconciler:
         self.drift_counts: dict[str, int] = {}
         self.on_change = on_change
         self.former_ports: dict[str, Binding] = {}
+        from segguard.agent.vlans import VlanLayer
+
+        self.vlan = VlanLayer(log, metrics)
 
     # -- config ---------------------------------------------------------------------
     def load(self) -> bool:
@@ -289,8 +299,14 @@ class Reconciler:
             with writer_lock():
                 facts = self.topology.facts(self.bridges)
                 desired = compile_plan(self.config, facts)
+                if desired.vlans:
+                    desired = dataclasses.replace(desired, vlans=restore_view(self.config, facts, desired.bindings,
+                                                                              self.vlan.applied))
                 realized = self.applier.realized(desired.table)
-                drift = classify_drift(list(self.applied.nft), realized) if self.applied is not None else []
+                # after a live verify the table holds the plan the verifier put back (or its
+                # stand-in plan, if it failed half-way): our own switch, not drift
+                ours = "after-verify" in reasons
+                drift = classify_drift(list(self.applied.nft), realized) if self.applied is not None and not ours else []
                 for k, detail in drift:
                     self.record_drift(k, detail, self._guests_touched(k, detail))
                 delta = element_delta(list(desired.nft), realized)
@@ -310,6 +326,12 @@ class Reconciler:
                         self.former_ports[b.port] = b
                 self.desired = self.applied = desired
                 self.realized = realized if kind == "none" else self.applier.realized(desired.table)
+                # the VLAN layer after the nftables one, in the same lock: the MAC
+                # rules already hold whatever the port's VLAN is meanwhile
+                vlan_changes = self.vlan.reconcile(desired, facts, bool(set(reasons) & FULL_CHECK), frozenset(reasons),
+                                                   self.record_drift)
+                if vlan_changes and kind == "none":
+                    record_applied(desired)
         except SegguardError as exc:
             seconds = time.monotonic() - start
             self.log.error("apply-failed", error=str(exc), reasons=sorted(reasons),
@@ -326,29 +348,10 @@ class Reconciler:
                 self.metrics.apply_seconds.labels(kind).observe(seconds)
             self.log.info("applied", kind=kind, seconds=round(seconds, 4), reasons=sorted(reasons), changes=changes[:20])
         self._count_guests()
-        return Outcome(kind, seconds, drift, changes)
+        return Outcome(kind, seconds, drift, changes, vlan_changes=vlan_changes)
 
     def _count_guests(self) -> None:
         if self.metrics and self.desired:
             bound = sum(1 for b in self.desired.bindings if b.port)
             self.metrics.guests.labels("protected").set(bound)
             self.metrics.guests.labels("unbound").set(len(self.desired.bindings) - bound)
-
-    # -- verify --------------------------------------------------------------------------
-    def verify(self) -> dict[str, dict[str, Any]]:
-        """Per guest: does the kernel hold exactly its planned policy (read back now)?"""
-        if self.desired is None:
-            return {}
-        realized = self.applier.realized(self.desired.table)
-        now = time.time()
-        results = {}
-        for b in self.desired.bindings:
-            problems = guest_problems(self.desired, realized, b.guest)
-            results[b.guest] = {"at": now, "method": "read-back", "ok": not problems, "problems": problems}
-            if self.metrics:
-                self.metrics.verify.labels("pass" if not problems else "fail").inc()
-        if self.metrics:
-            self.metrics.last_verify.set(now)
-        failed = [g for g, r in results.items() if not r["ok"]]
-        (self.log.warning if failed else self.log.info)("verified", guests=len(results), failed=failed)
-        return results

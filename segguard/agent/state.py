@@ -22,6 +22,7 @@ def snapshot(rec, verify: dict[str, dict[str, Any]], started: float, pid: int, r
 
     guests = {}
     plan = rec.desired
+    vlan_of = {lp.name: lp.profile.vlan for lp in rec.config.profiles} if rec.config else {}
     for b in plan.bindings if plan else ():
         problems = guest_problems(plan, rec.realized, b.guest)
         guests[b.guest] = {
@@ -31,12 +32,14 @@ def snapshot(rec, verify: dict[str, dict[str, Any]], started: float, pid: int, r
             "in_sync": not problems,
             "last_drift": rec.guest_drift.get(b.guest),
             "last_verify": verify.get(b.guest),
+            "vlan": rec.vlan.guest(b, vlan_of.get(b.profile)),
         }
     return {
         "pid": pid, "started": started, "ready": ready,
         "config_dir": str(rec.config.directory) if rec.config else str(rec.config_dir),
         "config_valid": rec.config_error is None,
         "config_error": rec.config_error, "config_error_at": rec.config_error_at,
+        "vlan_layer": rec.vlan.layer or "-", "vlan_bridges": rec.vlan.state,
         "last_apply": rec.last_apply, "last_drift": rec.last_drift, "drift_counts": rec.drift_counts,
         "guests": guests,
     }

@@ -72,15 +72,17 @@ def elems(table: list[dict] | None, name: str) -> list:
 
 
 class AgentProc:
-    def __init__(self, ns: str, config: Path, state: Path, log: Path, metrics_port: int):
+    def __init__(self, ns: str, config: Path, state: Path, log: Path, metrics_port: int,
+                 args: tuple[str, ...] = ("--verify-every", "0", "--drift-every", "5")):
         self.ns, self.config, self.state, self.logpath, self.port = ns, config, state, log, metrics_port
+        self.args = args
         self.env = dict(os.environ, SEGGUARD_STATE=str(state), PYTHONPATH=str(REPO))
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "AgentProc":
         self.log_fh = open(self.logpath, "a")
         self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, PY, "-m", "segguard.cli", "agent", "-c", str(self.config),
-                                      "--metrics", f"127.0.0.1:{self.port}", "--verify-every", "1", "--drift-every", "5"],
+                                      "--metrics", f"127.0.0.1:{self.port}", *self.args],
                                      stderr=self.log_fh, stdout=subprocess.DEVNULL, env=self.env)
         wait_for(lambda: (self.state_json() or {}).get("pid") == self._agent_pid() and self.state_json().get("ready"), "agent ready")
         return self
@@ -252,7 +254,8 @@ def test_table_deleted_by_hand_is_repaired_logged_and_counted(lab, agent):
     drift = [l for l in agent.logs() if l["event"] == "drift"]
     assert drift and drift[0]["kind"] == "table-deleted" and drift[0]["level"] == "warning", drift
     wait_for(lambda: 'segguard_drift_events_total{kind="table-deleted"} 1.0' in agent.metrics(), "the drift counter")
-    st = agent.state_json()
+    # the state file is written once the repair is read back, a moment after the counter
+    st = wait_for(lambda: (s := agent.state_json() or {}).get("last_drift") and s, "the drift in the agent state")
     assert st["last_drift"]["kind"] == "table-deleted"
     assert st["guests"]["xp-line3-hmi"]["last_drift"]["kind"] == "table-deleted"
 
