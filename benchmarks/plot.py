@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     apply_p = c.RESULTS / "apply.json"
     nwf_p = c.RESULTS / "nwfilter.json"
     if apply_p.exists():
@@ -29,6 +29,14 @@ def main(argv: list[str] | None = None) -> None:
             pts = sorted((r["n"], r["stats"]["bind_tap"]["median"]) for r in data["results"] if r["shape"] == shape)
             if pts and shape == "per-guest":
                 ax.plot(*zip(*pts), marker=marker, linestyle=":", label="segguard bind one tap with N loaded")
+    before_p = c.RESULTS / "apply-before.json"
+    if before_p.exists():
+        # the run before shared chains and content-named sets (kept for comparison)
+        data = json.loads(before_p.read_text())
+        pts = sorted((r["n"], r["stats"]["full_apply"]["median"]) for r in data["results"] if r["shape"] == "per-guest")
+        if pts:
+            ax.plot(*zip(*pts), marker="o", color="grey", alpha=0.5, linestyle="-.",
+                    label=f"before ({data.get('when', '')[:10]}): per-guest, rules inlined, one set per rule")
     if nwf_p.exists():
         data = json.loads(nwf_p.read_text())
         pts = sorted((r["n"], r["nwfilter"]["create_total"]) for r in data["results"])
@@ -45,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     ax.set_ylabel("seconds")
     ax.set_title("Apply time vs N (2 shared cores; one run)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: the lines fill the plot
     fig.tight_layout()
     out = c.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

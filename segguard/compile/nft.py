@@ -7,9 +7,16 @@ Frame paths through our table (bridge hooks):
   to a legacy port    forward (bridged) and output (from the host)       -> pin_<profile>
 Anything on a port no profile names only meets the MAC-binding check, which drops a
 legacy guest's MAC on every port but its own.
+
+Profile chains jump to shared `common_*` chains for every rule that does not depend on
+the profile (guard rails, rogue services, fragments, tunnels), and peer/port sets are
+named by content and shared: the table's size is then mostly the profiles' own allow
+rules. `reachable` says which chains and sets a guest's policy actually uses.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from typing import Any
 
@@ -65,6 +72,13 @@ class _Table:
             self._consts.add(name)
             self.set(name, type_, elems, interval)
         return f.ref(name)
+
+    def shared_set(self, prefix: str, type_: str, elems: list[Any], interval: bool = False) -> str:
+        """A named set called after its content, so every profile that needs the same
+        values uses one set: the kernel looks sets up by name in a list, so a table of
+        one set per rule and guest made each rule's insertion cost grow with N."""
+        digest = hashlib.sha1(json.dumps([type_, elems, interval], sort_keys=True).encode()).hexdigest()[:12]
+        return self.const(f"{prefix}_{digest}", type_, elems, interval)
 
     def one_or_set(self, name: str, type_: str, values: list[Any], interval: bool = False) -> Any:
         """A scalar (or a lone range) for one value, else a named set of them."""
@@ -125,8 +139,9 @@ def compile_nft(config: Config, facts: HostFacts, bindings: list[Binding], state
     t.add(f.vmap(table, "in_dispatch", "ifname", in_elems))
 
     # -- per-profile policy chains ---------------------------------------------------
+    shared = _Shared(t, sets, ad_ports, stateful)
     for name in sorted(profiles):
-        _profile_chains(t, profiles[name], sets, ad_ports, stateful)
+        _profile_chains(t, profiles[name], shared, stateful)
     # -- per-guest identity chains (anti-spoofing), ending in the profile's chain -----
     for b in sorted(bindings, key=lambda b: b.guest):
         _guest_out_chain(t, b, _Verdicts(b.profile, b.mode == "audit"))
@@ -205,8 +220,9 @@ def _guest_out_chain(t: _Table, b: Binding, v: _Verdicts) -> None:
         t.rule(c, [f.match(f.payload("ip", "saddr"), own4, "!="), *v.drop("ip-spoof")], "IPv4 source is not the guest's")
     if b.ipv6:
         own6 = list(b.ipv6)
-        src6 = t.const(f"g_{ident(b.guest)}_src6", "ipv6_addr", own6 + IP6_LINKLOCAL, interval=True)
-        t.rule(c, [f.match(f.payload("ip6", "saddr"), src6, "!="), *v.drop("ip6-spoof")], "IPv6 source is not the guest's")
+        linklocal = t.const("ip6_linklocal", "ipv6_addr", IP6_LINKLOCAL, interval=True)
+        t.rule(c, [f.match(f.payload("ip6", "saddr"), t.one_or_set(f"g_{ident(b.guest)}_6", "ipv6_addr", own6), "!="),
+                   f.match(f.payload("ip6", "saddr"), linklocal, "!="), *v.drop("ip6-spoof")], "IPv6 source is not the guest's")
         # A neighbour advertisement for an address that is not its own is the IPv6 form
         # of ARP spoofing. libnftables has no typed field for the ND target, so it is
         # compared as four 32-bit words of the ICMPv6 body, in a chain of its own.
@@ -223,148 +239,270 @@ def _guest_out_chain(t: _Table, b: Binding, v: _Verdicts) -> None:
     t.rule(c, [f.goto(f"pout_{ident(b.profile)}")])
 
 
-def _peer_sets(t: _Table, lp: LoadedProfile, rule: ResolvedRule) -> tuple[str | None, str | None]:
-    base = f"p_{ident(lp.name)}_{rule.direction[0]}{rule.index}_"
-    s4 = t.set(base + "4", "ipv4_addr", [f.addr_elem(n) for n in f.merged(rule.peers, 4)], True) if f.merged(rule.peers, 4) else None
-    s6 = t.set(base + "6", "ipv6_addr", [f.addr_elem(n) for n in f.merged(rule.peers, 6)], True) if f.merged(rule.peers, 6) else None
-    return s4, s6
+class _Rule:
+    """A profile's allow rule with what the compiler needs of it computed once: its
+    label, its peers per family, their sets and its service match (a 1,000-guest
+    compile asked for each of these many times over)."""
+
+    __slots__ = ("proto", "label", "nets", "peer", "svc")
+
+    def __init__(self, t: _Table, rule: ResolvedRule, peer_cache: dict):
+        self.proto, self.label = rule.proto, rule.label
+        self.nets = {4: f.merged(rule.peers, 4), 6: f.merged(rule.peers, 6)}
+        key = tuple(sorted(map(str, rule.peers)))
+        if key not in peer_cache:
+            # one v4 and one v6 set per distinct peer list, shared by every rule of every
+            # profile naming the same peers (the rule comments say which group it is)
+            peer_cache[key] = {fam: _peer_set(t, fam, nets) if nets else None for fam, nets in self.nets.items()}
+        self.peer = peer_cache[key]
+        self.svc = _service(t, rule)
 
 
-def _service(t: _Table, lp: LoadedProfile, rule: ResolvedRule) -> Any:
+def _service(t: _Table, rule: ResolvedRule) -> Any:
     """The rule's ports as a match value: one port, one range, or a named set."""
     if rule.proto == "icmp":
         return None
     values = [lo if lo == hi else {"range": [lo, hi]} for lo, hi in rule.ports]
-    return t.one_or_set(f"p_{ident(lp.name)}_{rule.direction[0]}{rule.index}_ports", "inet_service", values, interval=True)
+    return values[0] if len(values) == 1 else t.shared_set("ports", "inet_service", values, interval=True)
 
 
-def _l4(rule: ResolvedRule, svc: dict, port_field: str) -> list[dict[str, Any]]:
+def _l4(rule: _Rule, port_field: str) -> list[dict[str, Any]]:
     """L4 match for a rule: the service port on `port_field` (dport on the way there,
     sport on the way back)."""
     if rule.proto == "icmp":
         return []
-    return [f.match(f.payload(rule.proto, port_field), svc[rule])]
+    return [f.match(f.payload(rule.proto, port_field), rule.svc)]
 
 
 def _icmp_type(family: int, name4: str, name6: str) -> list[dict[str, Any]]:
     return [f.match(f.payload("icmp" if family == 4 else "icmpv6", "type"), name4 if family == 4 else name6)]
 
 
-def _profile_chains(t: _Table, lp: LoadedProfile, sets, ad_ports: str, stateful: bool) -> None:
+class _Shared:
+    """The parts of a profile's chains that do not depend on its rules live once per
+    table, in chains every profile jumps to (over a quarter of a 1,000-profile table
+    was copies of them, and the transaction and read-back grow with the rule count). A chain that ends
+    without a verdict returns to the rule after the jump, so the order a frame meets
+    the rules in is exactly the inlined one. Audit profiles get their own copies: their
+    log prefix names the profile."""
+
+    def __init__(self, t: _Table, sets, ad_ports: str, stateful: bool):
+        self.t, self.sets, self.ad_ports, self.stateful = t, sets, ad_ports, stateful
+        self.made: set[str] = set()
+        self.peer_sets: dict = {}  # peer list -> its sets, across profiles
+
+    def _chain(self, base: str, v: _Verdicts, build) -> str:
+        name = base if not v.audit else f"a_{ident(v.profile)}_{base}"
+        if name not in self.made:
+            self.made.add(name)
+            build(self.t.chain(name), v)
+        return name
+
+    @staticmethod
+    def _tag(block) -> str:
+        return {(True, True): "inet_dom", (True, False): "inet", (False, True): "dom", (False, False): "open"}[
+            (bool(block.internet), bool(block.domain))]
+
+    def out_pre(self, prof, v: _Verdicts) -> str:
+        """guest -> out, before any allow rule: rogue services, ND/MLD, guard rails."""
+        def build(c: str, v: _Verdicts) -> None:
+            t = self.t
+            # Rogue infrastructure services a hostile guest could offer to its neighbours.
+            t.rule(c, [f.match(f.payload("udp", "sport"), t.const("dhcp_server_ports", "inet_service", [67, 547])), *v.drop("rogue-dhcp")], "no DHCP/DHCPv6 server replies")
+            t.rule(c, [f.match(f.payload("icmpv6", "type"), t.const("rogue_nd_types", "icmpv6_type", ["nd-router-advert", "nd-redirect"])), *v.drop("rogue-ra")], "no router advertisements or redirects")
+            t.rule(c, [f.match(f.payload("icmp", "type"), "redirect"), *v.drop("rogue-redirect")])
+            # Link-layer neighbour discovery is accepted before the address guard rails (it
+            # is addressed to multicast, and hop limit 255 means it cannot have been routed).
+            t.rule(c, [f.match(f.payload("icmpv6", "type"), t.const("nd_types", "icmpv6_type", ND_TYPES)), f.match(f.payload("ip6", "hoplimit"), 255), f.ACCEPT], "IPv6 neighbour discovery")
+            t.rule(c, [f.match(f.payload("icmpv6", "type"), t.const("mld_types", "icmpv6_type", MLD_TYPES)), f.match(f.payload("ip6", "hoplimit"), 1), f.ACCEPT], "MLD")
+            t.rule(c, [f.match(f.payload("ip6", "saddr"), t.const("ip6_linklocal", "ipv6_addr", IP6_LINKLOCAL, interval=True)), *v.drop("ip6-linklocal")], "link-local source only for ND/MLD")
+            _guard_rails(t, c, prof.block, self.sets, "daddr", v)
+            t.rule(c, [f.exthdr_exists("rt"), *v.drop("ip6-routing-header")], "no IPv6 routing headers")
+            self._ct(c, v, "replies to flows let in (conntrack)")
+        return self._chain(f"common_out_{self._tag(prof.block)}", v, build)
+
+    def in_pre(self, prof, v: _Verdicts) -> str:
+        """in -> guest, before any allow rule."""
+        def build(c: str, v: _Verdicts) -> None:
+            t = self.t
+            t.rule(c, [f.match(f.payload("ether", "type"), "arp"), f.ACCEPT], "ARP to the guest")
+            t.rule(c, [f.match(f.payload("icmpv6", "type"), t.const("nd_ns_na", "icmpv6_type", ["nd-neighbor-solicit", "nd-neighbor-advert"])), f.match(f.payload("ip6", "hoplimit"), 255), f.ACCEPT], "IPv6 neighbour discovery")
+            _guard_rails(t, c, prof.block, self.sets, "saddr", v)
+            self._ct(c, v, "replies to flows the guest opened (conntrack)")
+        return self._chain(f"common_in_{self._tag(prof.block)}", v, build)
+
+    def _ct(self, c: str, v: _Verdicts, comment: str) -> None:
+        if self.stateful:
+            self.t.rule(c, [f.ct_state("invalid"), *v.drop("ct-invalid")])
+            self.t.rule(c, [f.ct_state("established", "related"), f.ACCEPT], comment)
+
+    def fragments(self, v: _Verdicts) -> str:
+        """The fragments no rule of the profile let through (either direction)."""
+        def build(c: str, v: _Verdicts) -> None:
+            self.t.rule(c, [f.match(f.bitand(f.payload("ip", "frag-off"), 0x3FFF), 0, "!="), *v.drop("fragment")], "other IPv4 fragments")
+            self.t.rule(c, [f.exthdr_exists("frag"), *v.drop("fragment")], "other IPv6 fragments")
+        return self._chain("common_frag", v, build)
+
+    def out_post(self, prof, v: _Verdicts) -> str:
+        """guest -> out, after the egress allows and before the stateless replies."""
+        def build(c: str, v: _Verdicts) -> None:
+            t = self.t
+            if prof.block.domain:
+                # after the egress rules (which may name an AD port to a host explicitly),
+                # before the stateless replies: a forged "reply" from a service port must
+                # not reach an AD port of the rule's peer either
+                t.rule(c, [f.match(f.meta("l4proto"), t.const("tcp_udp", "inet_proto", ["tcp", "udp"])), f.match(f.payload("th", "dport"), self.ad_ports), *v.drop("ad-port")], "AD protocol ports (block.domain)")
+            # Tunnels: an IP protocol other than TCP/UDP/ICMP, or a well-known tunnel port,
+            # would carry anything past every rule to whoever decapsulates it (default:
+            # allow, or a peer that forwards). Egress rules before this may still allow one.
+            t.rule(c, [f.match(f.meta("l4proto"), t.const("l4_allowed", "inet_proto", ["tcp", "udp", "icmp", "ipv6-icmp"]), "!="), *v.drop("ip-protocol")],
+                   "only TCP, UDP and ICMP (no GRE, IPIP, 6in4, ESP, SCTP...)")
+            t.rule(c, [f.match(f.payload("udp", "dport"), t.const("tunnel_udp_ports", "inet_service", list(TUNNEL_UDP_PORTS))), *v.drop("tunnel-port")],
+                   "well-known UDP tunnel ports (VXLAN, Geneve, WireGuard, OpenVPN, L2TP, IPsec NAT-T, Teredo)")
+        return self._chain("common_out_post_dom" if prof.block.domain else "common_out_post", v, build)
+
+
+def _profile_chains(t: _Table, lp: LoadedProfile, shared: _Shared, stateful: bool) -> None:
     prof = lp.profile
     v = _Verdicts(prof.name, prof.mode == "audit")
     pid = ident(prof.name)
     out_c, in_c = t.chain(f"pout_{pid}"), t.chain(f"pin_{pid}")
-    peers = {r: _peer_sets(t, lp, r) for r in (*lp.egress, *lp.ingress)}
-    svc = {r: _service(t, lp, r) for r in (*lp.egress, *lp.ingress)}
+    egress = [_Rule(t, r, shared.peer_sets) for r in lp.egress]
+    ingress = [_Rule(t, r, shared.peer_sets) for r in lp.ingress]
 
     # ------------------------------------------------------------------ guest -> out
-    # Rogue infrastructure services a hostile guest could offer to its neighbours.
-    t.rule(out_c, [f.match(f.payload("udp", "sport"), t.const("dhcp_server_ports", "inet_service", [67, 547])), *v.drop("rogue-dhcp")], "no DHCP/DHCPv6 server replies")
-    t.rule(out_c, [f.match(f.payload("icmpv6", "type"), t.const("rogue_nd_types", "icmpv6_type", ["nd-router-advert", "nd-redirect"])), *v.drop("rogue-ra")], "no router advertisements or redirects")
-    t.rule(out_c, [f.match(f.payload("icmp", "type"), "redirect"), *v.drop("rogue-redirect")])
-    # Link-layer neighbour discovery is accepted before the address guard rails (it is
-    # addressed to multicast, and hop limit 255 means it cannot have been routed).
-    t.rule(out_c, [f.match(f.payload("icmpv6", "type"), t.const("nd_types", "icmpv6_type", ND_TYPES)), f.match(f.payload("ip6", "hoplimit"), 255), f.ACCEPT], "IPv6 neighbour discovery")
-    t.rule(out_c, [f.match(f.payload("icmpv6", "type"), t.const("mld_types", "icmpv6_type", MLD_TYPES)), f.match(f.payload("ip6", "hoplimit"), 1), f.ACCEPT], "MLD")
-    t.rule(out_c, [f.match(f.payload("ip6", "saddr"), t.const("ip6_linklocal", "ipv6_addr", IP6_LINKLOCAL, interval=True)), *v.drop("ip6-linklocal")], "link-local source only for ND/MLD")
-    _guard_rails(t, out_c, prof, sets, "daddr", v)
-    t.rule(out_c, [f.exthdr_exists("rt"), *v.drop("ip6-routing-header")], "no IPv6 routing headers")
-    if stateful:
-        t.rule(out_c, [f.ct_state("invalid"), *v.drop("ct-invalid")])
-        t.rule(out_c, [f.ct_state("established", "related"), f.ACCEPT], "replies to flows let in (conntrack)")
-    _fragments(t, out_c, lp, peers, "daddr", v)
-    _opened_flows(t, out_c, lp.egress, peers, svc, "daddr", stateful)
-    if prof.block.domain:
-        # after the egress rules (which may name an AD port to a host explicitly), before
-        # the stateless replies: a forged "reply" from a service port must not reach
-        # an AD port of the rule's peer either
-        t.rule(out_c, [f.match(f.meta("l4proto"), t.const("tcp_udp", "inet_proto", ["tcp", "udp"])), f.match(f.payload("th", "dport"), ad_ports), *v.drop("ad-port")], "AD protocol ports (block.domain)")
-    # Tunnels: an IP protocol other than TCP/UDP/ICMP, or a well-known tunnel port, would
-    # carry anything past every rule to whoever decapsulates it (default: allow, or a
-    # peer that forwards). Named egress rules above may still allow a tunnel port.
-    t.rule(out_c, [f.match(f.meta("l4proto"), t.const("l4_allowed", "inet_proto", ["tcp", "udp", "icmp", "ipv6-icmp"]), "!="), *v.drop("ip-protocol")],
-           "only TCP, UDP and ICMP (no GRE, IPIP, 6in4, ESP, SCTP...)")
-    t.rule(out_c, [f.match(f.payload("udp", "dport"), t.const("tunnel_udp_ports", "inet_service", list(TUNNEL_UDP_PORTS))), *v.drop("tunnel-port")],
-           "well-known UDP tunnel ports (VXLAN, Geneve, WireGuard, OpenVPN, L2TP, IPsec NAT-T, Teredo)")
+    t.rule(out_c, [f.jump(shared.out_pre(prof, v))], "rogue services, ND/MLD, guard rails")
+    _fragments(t, out_c, egress + ingress, "daddr")
+    t.rule(out_c, [f.jump(shared.fragments(v))])
+    _opened_flows(t, out_c, egress, "daddr", stateful)
+    t.rule(out_c, [f.jump(shared.out_post(prof, v))], "AD ports, tunnels")
     if not stateful:
-        _stateless_replies(t, out_c, lp.ingress, peers, svc, "daddr")
+        _stateless_replies(t, out_c, ingress, "daddr")
     t.rule(out_c, v.drop("default-deny") if prof.default == "deny" else [f.ACCEPT], f"default: {prof.default}")
 
     # ------------------------------------------------------------------- in -> guest
-    t.rule(in_c, [f.match(f.payload("ether", "type"), "arp"), f.ACCEPT], "ARP to the guest")
-    t.rule(in_c, [f.match(f.payload("icmpv6", "type"), t.const("nd_ns_na", "icmpv6_type", ["nd-neighbor-solicit", "nd-neighbor-advert"])), f.match(f.payload("ip6", "hoplimit"), 255), f.ACCEPT], "IPv6 neighbour discovery")
-    _guard_rails(t, in_c, prof, sets, "saddr", v)
-    if stateful:
-        t.rule(in_c, [f.ct_state("invalid"), *v.drop("ct-invalid")])
-        t.rule(in_c, [f.ct_state("established", "related"), f.ACCEPT], "replies to flows the guest opened (conntrack)")
-    _fragments(t, in_c, lp, peers, "saddr", v)
-    _opened_flows(t, in_c, lp.ingress, peers, svc, "saddr", stateful)
+    t.rule(in_c, [f.jump(shared.in_pre(prof, v))], "ARP, ND, guard rails")
+    _fragments(t, in_c, egress + ingress, "saddr")
+    t.rule(in_c, [f.jump(shared.fragments(v))])
+    _opened_flows(t, in_c, ingress, "saddr", stateful)
     if not stateful:
-        _stateless_replies(t, in_c, lp.egress, peers, svc, "saddr")
+        _stateless_replies(t, in_c, egress, "saddr")
     t.rule(in_c, v.drop("default-deny") if prof.default == "deny" else [f.ACCEPT], f"default: {prof.default}")
 
 
-def _opened_flows(t: _Table, c: str, rules, peers, svc, field: str, stateful: bool) -> None:
+def _opened_flows(t: _Table, c: str, rules: list[_Rule], field: str, stateful: bool) -> None:
     """Flows this side opens to (or from) a rule's peers, on the rule's service ports."""
     ip = {4: "ip", 6: "ip6"}
     for r in rules:
-        for family, peer in zip((4, 6), peers[r]):
+        for family, peer in r.peer.items():
             if peer is None:
                 continue
-            l4 = _l4(r, svc, "dport") if r.proto != "icmp" else _icmp_type(family, "echo-request", "echo-request")
+            l4 = _l4(r, "dport") if r.proto != "icmp" else _icmp_type(family, "echo-request", "echo-request")
             new = [f.ct_state("new")] if stateful else []
             t.rule(c, [f.match(f.payload(ip[family], field), peer), *l4, *new, f.ACCEPT], r.label)
 
 
-def _stateless_replies(t: _Table, c: str, rules, peers, svc, field: str) -> None:
+def _stateless_replies(t: _Table, c: str, rules: list[_Rule], field: str) -> None:
     """Without conntrack: replies to the flows the other side opened, only to/from that
     rule's peers and only from its service port; for TCP only with ACK set, so a bare
     SYN from the service port (a new flow) is not a reply."""
     ip = {4: "ip", 6: "ip6"}
     for r in rules:
-        for family, peer in zip((4, 6), peers[r]):
+        for family, peer in r.peer.items():
             if peer is None:
                 continue
             who = f.match(f.payload(ip[family], field), peer)
             if r.proto == "tcp":
-                t.rule(c, [who, *_l4(r, svc, "sport"), f.match(f.bitand(f.payload("tcp", "flags"), "ack"), "ack"), f.ACCEPT], "reply: " + r.label)
+                t.rule(c, [who, *_l4(r, "sport"), f.match(f.bitand(f.payload("tcp", "flags"), "ack"), "ack"), f.ACCEPT], "reply: " + r.label)
             elif r.proto == "udp":
-                t.rule(c, [who, *_l4(r, svc, "sport"), f.ACCEPT], "reply: " + r.label)
+                t.rule(c, [who, *_l4(r, "sport"), f.ACCEPT], "reply: " + r.label)
             else:
                 t.rule(c, [who, *_icmp_type(family, "echo-reply", "echo-reply"), f.ACCEPT], "reply: " + r.label)
-            errors = ICMP_ERRORS4 if family == 4 else ICMP_ERRORS6
-            errs = t.const(f"icmp{'' if family == 4 else 'v6'}_errors", "icmp_type" if family == 4 else "icmpv6_type", errors)
-            t.rule(c, [who, f.match(f.payload("icmp" if family == 4 else "icmpv6", "type"), errs), f.ACCEPT], "icmp errors: " + r.label)
+    # ICMP errors about those flows, from any of their peers: one rule per family over
+    # the union of the peers is the same as one per rule, since only accepts sit here
+    for family, nets in _union(rules).items():
+        errors = ICMP_ERRORS4 if family == 4 else ICMP_ERRORS6
+        errs = t.const(f"icmp{'' if family == 4 else 'v6'}_errors", "icmp_type" if family == 4 else "icmpv6_type", errors)
+        t.rule(c, [f.match(f.payload(ip[family], field), _peer_set(t, family, nets)),
+                   f.match(f.payload("icmp" if family == 4 else "icmpv6", "type"), errs), f.ACCEPT],
+               "icmp errors: " + ", ".join(r.label.split(" ", 1)[0] for r in rules))
 
 
-def _guard_rails(t: _Table, c: str, prof, sets, field: str, v: _Verdicts) -> None:
+def _union(rules: list[_Rule]) -> dict[int, list]:
+    """Per family, the merged peers of the rules (families with none left out)."""
+    return {fam: m for fam in (4, 6) if (m := netaddr.cidr_merge([n for r in rules for n in r.nets[fam]]))}
+
+
+def _peer_set(t: _Table, family: int, nets) -> str:
+    return t.shared_set(f"peers{family}", f"ipv{family}_addr", [f.addr_elem(n) for n in nets], True)
+
+
+def _guard_rails(t: _Table, c: str, block, sets, field: str, v: _Verdicts) -> None:
     """Absolute: evaluated before any allow rule of the profile."""
     rails = [("mgmt", "management", True), ("hyp", "hypervisor", True),
-             ("dc", "domain controller", prof.block.domain)]
+             ("dc", "domain controller", block.domain)]
     for key, what, on in rails:
         if not on:
             continue
         s4, s6 = sets[key]
         t.rule(c, [f.match(f.payload("ip", field), s4), *v.drop(key)], f"guard rail: {what}")
         t.rule(c, [f.match(f.payload("ip6", field), s6), *v.drop(key)], f"guard rail: {what}")
-    if prof.block.internet:
+    if block.internet:
         s4, s6 = sets["internal"]
         t.rule(c, [f.match(f.payload("ip", field), s4, "!="), *v.drop("internet")], "guard rail: internet (not in site.internal)")
         t.rule(c, [f.match(f.payload("ip6", field), s6, "!="), *v.drop("internet")], "guard rail: internet (not in site.internal)")
 
 
-def _fragments(t: _Table, c: str, lp: LoadedProfile, peers, field: str, v: _Verdicts) -> None:
+def _fragments(t: _Table, c: str, rules: list[_Rule], field: str) -> None:
     """Fragments carry no ports (or too few bytes of them) so no port rule can judge
-    them: they pass only to/from peers of the profile's UDP rules, and drop otherwise."""
+    them: they pass only to/from peers of the profile's UDP rules (either direction),
+    and drop right after (`common_frag`)."""
     ip = {4: "ip", 6: "ip6"}
-    for r in (*lp.egress, *lp.ingress):
-        if r.proto != "udp":
+    udp = [r for r in rules if r.proto == "udp"]
+    for family, nets in _union(udp).items():
+        frag = (f.match(f.bitand(f.payload("ip", "frag-off"), 0x3FFF), 0, "!=") if family == 4 else f.exthdr_exists("frag"))
+        t.rule(c, [frag, f.match(f.payload(ip[family], field), _peer_set(t, family, nets)), f.ACCEPT],
+               "fragments: " + ", ".join(r.label for r in udp))
+
+
+def reachable(objects: list[dict[str, Any]], chains: set[str]) -> tuple[set[str], set[str]]:
+    """The chains reachable from `chains` by jump/goto (and verdict-map elements), and
+    the named sets and maps their rules reference: what one guest's policy depends on
+    now that part of it lives in shared chains and sets."""
+    rules: dict[str, list[Any]] = {}
+    maps: dict[str, list[Any]] = {}
+    for o in objects:
+        kind, body = next(iter(o.items()))
+        if body.get("family", f.FAMILY) != f.FAMILY:
             continue
-        for family, peer in zip((4, 6), peers[r]):
-            if peer is None:
-                continue
-            frag = (f.match(f.bitand(f.payload("ip", "frag-off"), 0x3FFF), 0, "!=") if family == 4 else f.exthdr_exists("frag"))
-            t.rule(c, [frag, f.match(f.payload(ip[family], field), peer), f.ACCEPT], "fragments: " + r.label)
-    t.rule(c, [f.match(f.bitand(f.payload("ip", "frag-off"), 0x3FFF), 0, "!="), *v.drop("fragment")], "other IPv4 fragments")
-    t.rule(c, [f.exthdr_exists("frag"), *v.drop("fragment")], "other IPv6 fragments")
+        if kind == "rule":
+            rules.setdefault(body["chain"], []).append(body["expr"])
+        elif kind == "map":
+            maps[body["name"]] = body.get("elem", [])
+    seen_c: set[str] = set()
+    seen_s: set[str] = set()
+    todo = list(chains)
+
+    def scan(node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in ("jump", "goto") and isinstance(v, dict):
+                    todo.append(v["target"])
+                else:
+                    scan(v)
+        elif isinstance(node, list):
+            for v in node:
+                scan(v)
+        elif isinstance(node, str) and node.startswith("@"):
+            name = node[1:]
+            if name not in seen_s:
+                seen_s.add(name)
+                scan(maps.get(name, []))
+
+    while todo:
+        c = todo.pop()
+        if c in seen_c:
+            continue
+        seen_c.add(c)
+        scan(rules.get(c, []))
+    return seen_c, seen_s

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import re
+
 import yaml
 
 from segguard.errors import ConfigError, ConfigProblem
@@ -71,27 +73,44 @@ def _to_python(node: yaml.Node, path: Path_, smap: SourceMap, constructor: yaml.
     return constructor.construct_object(node, deep=True)
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader whose implicit resolvers keep "52:54:00:aa:00:01"-like scalars strings.
+def _mac_safe(cls):
+    """Implicit resolvers that keep "52:54:00:aa:00:01"-like scalars strings.
 
     YAML 1.1 reads unquoted 1:30 as a sexagesimal integer; a MAC written without quotes
     must never silently become a number, so the int/float resolvers lose that form.
     """
+    # own copy first: the inherited dict is SafeLoader's, and editing it in place would
+    # change yaml.safe_load for the whole process (plain ints would load as strings)
+    cls.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    for first, resolvers in list(cls.yaml_implicit_resolvers.items()):
+        cls.yaml_implicit_resolvers[first] = [
+            (tag, regexp) for tag, regexp in resolvers
+            if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") or not regexp.match("1:30")
+        ]
+    cls.add_implicit_resolver(
+        "tag:yaml.org,2002:int",
+        re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+        list("-+0123456789"),
+    )
+    return cls
 
 
-# own copy first: the inherited dict is SafeLoader's, and editing it in place would
-# change yaml.safe_load for the whole process (plain ints would load as strings)
-_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-for first, resolvers in list(_Loader.yaml_implicit_resolvers.items()):
-    _Loader.yaml_implicit_resolvers[first] = [
-        (tag, regexp) for tag, regexp in resolvers
-        if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") or not regexp.match("1:30")
-    ]
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:int",
-    __import__("re").compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
-    list("-+0123456789"),
-)
+@_mac_safe
+class _PyLoader(yaml.SafeLoader):
+    pass
+
+
+# libyaml's parser is several times faster than PyYAML's pure-Python one (loading was
+# most of a 1,000-guest compile); it keeps marks and uses the same Python resolver, so
+# the tweak above and every error line are the same with either.
+if getattr(yaml, "__with_libyaml__", False):
+    @_mac_safe
+    class _CLoader(yaml.CSafeLoader):
+        pass
+
+    _Loader: type = _CLoader
+else:
+    _Loader = _PyLoader
 
 
 def load_yaml(path: Path, display_name: str | None = None) -> Document:
@@ -103,18 +122,34 @@ def load_yaml(path: Path, display_name: str | None = None) -> Document:
         raise ConfigError([ConfigProblem(name, None, "", f"cannot read: {exc.strerror or exc}")]) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError([ConfigProblem(name, None, "", f"not UTF-8 text: {exc}")]) from exc
-    loader = _Loader(text)
+    try:
+        return _compose(text, smap, _Loader)
+    except yaml.YAMLError as exc:
+        if _Loader is _PyLoader:
+            raise _parse_error(name, exc) from exc
+    # libyaml words its errors differently: the rare failing file is parsed again by
+    # PyYAML so the message (and line) a user sees does not depend on libyaml
+    try:
+        return _compose(text, SourceMap(name), _PyLoader)
+    except yaml.YAMLError as exc:
+        raise _parse_error(name, exc) from exc
+
+
+def _compose(text: str, smap: SourceMap, cls: type) -> Document:
+    loader = cls(text)
     try:
         node = loader.get_single_node()
         if node is None:
             return Document({}, smap)
         return Document(_to_python(node, (), smap, loader), smap)
-    except yaml.MarkedYAMLError as exc:
+    finally:
+        loader.dispose()
+
+
+def _parse_error(name: str, exc: yaml.YAMLError) -> ConfigError:
+    if isinstance(exc, yaml.MarkedYAMLError):
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
         msg = " ".join(str(x) for x in (exc.context, exc.problem) if x) or str(exc)
-        raise ConfigError([ConfigProblem(name, line, "", f"YAML parse error: {msg}")]) from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError([ConfigProblem(name, None, "", f"YAML parse error: {exc}")]) from exc
-    finally:
-        loader.dispose()
+        return ConfigError([ConfigProblem(name, line, "", f"YAML parse error: {msg}")])
+    return ConfigError([ConfigProblem(name, None, "", f"YAML parse error: {exc}")])

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 from segguard.config.loader import Document, SourceMap, load_yaml
 from segguard.config.schema import AD_PORTS, Guest, Profile, Site
 from segguard.errors import ConfigError, ConfigProblem
+from segguard.gcpause import gc_paused
 
 DEFAULT_CONFIG_DIR = Path("/etc/segguard")
 
@@ -90,6 +91,7 @@ def _display(path: Path, root: Path) -> str:
         return str(path)
 
 
+@gc_paused()  # ~10^5 objects that all stay alive: see segguard/gcpause.py
 def load_config(directory: str | os.PathLike[str] | None = None) -> Config:
     root = config_dir(directory)
     problems: list[ConfigProblem] = []

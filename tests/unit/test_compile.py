@@ -75,6 +75,20 @@ def rules(plan: Plan, chain: str) -> list[dict]:
     return [r for r in objs(plan, "rule") if r["chain"] == chain]
 
 
+def walk(plan: Plan, chain: str) -> list[dict]:
+    """The rules of `chain` in the order a frame meets them: an unconditional `jump` to
+    a shared chain is replaced by that chain's rules (a chain ending without a verdict
+    returns to the rule after the jump), so ordering guarantees are asserted on what
+    the kernel evaluates, not on how the table happens to be factored."""
+    out = []
+    for r in rules(plan, chain):
+        if len(r["expr"]) == 1 and "jump" in r["expr"][0]:
+            out += walk(plan, r["expr"][0]["jump"]["target"])
+        else:
+            out.append(r)
+    return out
+
+
 def named(plan: Plan, kind: str, name: str) -> dict:
     (found,) = [o for o in objs(plan, kind) if o["name"] == name]
     return found
@@ -86,6 +100,22 @@ def elems(plan: Plan, kind: str, name: str) -> list:
 
 def has_expr(rule: dict, key: str) -> bool:
     return any(key in e for e in rule["expr"])
+
+
+def has_any_drop(plan: Plan) -> bool:
+    """Whether a frame of the profile chains can reach a drop (netdev/base chains aside)."""
+    reach, todo = set(), [c["name"] for c in objs(plan, "chain") if c["name"].startswith(("pout_", "pin_", "out_", "nd_"))]
+    while todo:
+        c = todo.pop()
+        if c in reach:
+            continue
+        reach.add(c)
+        for r in rules(plan, c):
+            for e in r["expr"]:
+                for k in ("jump", "goto"):
+                    if k in e:
+                        todo.append(e[k]["target"])
+    return any(has_expr(r, "drop") for c in reach for r in rules(plan, c))
 
 
 def uses_ct(rule: dict) -> bool:
@@ -278,7 +308,7 @@ def test_stateful_uses_ct_state_and_no_reply_rules():
     ct = [r for r in all_rules if uses_ct(r)]
     assert ct
     for chain in ("pout_xp_line3", "pin_xp_line3"):
-        exprs = [r["expr"] for r in rules(plan, chain)]
+        exprs = [r["expr"] for r in walk(plan, chain)]
         assert [{"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "invalid"}}, {"counter": None}, {"drop": None}] in exprs
         assert [{"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}}, {"accept": None}] in exprs
     # every allow rule of the profile matches only new flows
@@ -313,11 +343,15 @@ def test_audit_mode_logs_and_accepts_instead_of_dropping(tmp_path):
     enforce = compile_plan(load_config(write_config(tmp_path / "e", {"p": profile("p", gs)})), HostFacts())
     audit = compile_plan(load_config(write_config(tmp_path / "a", {"p": profile("p", gs, mode="audit")})), HostFacts())
     own = ("pout_p", "pin_p", "out_g1", "nd_g1")
-    e_rules = [r for r in objs(enforce, "rule") if r["chain"] in own]
-    a_rules = [r for r in objs(audit, "rule") if r["chain"] in own]
+    e_rules = [r for c in own for r in walk(enforce, c)]
+    a_rules = [r for c in own for r in walk(audit, c)]
     assert len(e_rules) == len(a_rules)
+    # no audit profile shares a chain with enforcing ones: every drop it could reach
+    # is in a chain of its own
+    assert not has_any_drop(audit)
     dropped = 0
     for e, a in zip(e_rules, a_rules):
+        a, e = {**a, "chain": None}, {**e, "chain": None}
         assert not has_expr(a, "drop"), a
         if e["expr"][-2:] == [{"counter": None}, {"drop": None}]:
             dropped += 1
@@ -422,7 +456,7 @@ def test_guard_rails_come_before_every_allow_rule(conntrack):
     chains = [c["name"] for c in objs(plan, "chain") if c["name"].startswith(("pout_", "pin_"))]
     assert len(chains) == 4
     for chain in chains:
-        rs = rules(plan, chain)
+        rs = walk(plan, chain)
         comments = [r.get("comment", "") for r in rs]
         rails = [i for i, c in enumerate(comments) if c.startswith("guard rail:")]
         # mgmt, hypervisor, DC (block.domain) and internet (block.internet), v4 and v6
@@ -439,9 +473,9 @@ def test_guard_rails_come_before_every_allow_rule(conntrack):
 def test_guard_rails_follow_block_settings(tmp_path):
     prof = profile("p", [guest(1)]) + "block: {internet: false, domain: false}\n"
     plan = compile_plan(load_config(write_config(tmp_path, {"p": prof})), HostFacts())
-    rails = [r["comment"] for r in rules(plan, "pout_p") if r.get("comment", "").startswith("guard rail:")]
+    rails = [r["comment"] for r in walk(plan, "pout_p") if r.get("comment", "").startswith("guard rail:")]
     assert rails == ["guard rail: management"] * 2 + ["guard rail: hypervisor"] * 2
-    assert not [r for r in rules(plan, "pout_p") if r.get("comment") == "AD protocol ports (block.domain)"]
+    assert not [r for r in walk(plan, "pout_p") if r.get("comment") == "AD protocol ports (block.domain)"]
 
 
 def test_guard_rail_sets_carry_site_addresses():
@@ -450,7 +484,7 @@ def test_guard_rail_sets_carry_site_addresses():
     assert elems(plan, "set", "mgmt6") == [{"prefix": {"addr": "fd00:250::", "len": 64}}]
     assert elems(plan, "set", "dc4") == ["10.30.0.10"] and elems(plan, "set", "dc6") == ["fd00:30::10"]
     assert elems(plan, "set", "internal6") == [{"prefix": {"addr": "fd00::", "len": 8}}]
-    rail = next(r for r in rules(plan, "pout_xp_line3") if r.get("comment") == "guard rail: internet (not in site.internal)")
+    rail = next(r for r in walk(plan, "pout_xp_line3") if r.get("comment") == "guard rail: internet (not in site.internal)")
     assert rail["expr"][0] == {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "@internal4"}}
 
 
@@ -465,16 +499,20 @@ def test_default_deny_and_allow_end_the_profile_chains():
 def test_allow_rule_matches_peer_set_and_port():
     plan = compile_plan(load_config(LAB), lab_facts())
     r = [r for r in rules(plan, "pin_scada_line4") if r.get("comment") == "ingress[0] from jump_hosts tcp/22,3389"]
+    assert len(r) == 2
+    v4, v6 = (x["expr"][0]["match"]["right"] for x in r)
+    ports = r[0]["expr"][1]["match"]["right"]
     assert [x["expr"] for x in r] == [
-        [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "@p_scada_line4_i0_4"}},
-         {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": "@p_scada_line4_i0_ports"}},
+        [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": v4}},
+         {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": ports}},
          {"accept": None}],
-        [{"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "saddr"}}, "right": "@p_scada_line4_i0_6"}},
-         {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": "@p_scada_line4_i0_ports"}},
+        [{"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "saddr"}}, "right": v6}},
+         {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": ports}},
          {"accept": None}],
     ]
-    assert elems(plan, "set", "p_scada_line4_i0_4") == ["10.30.0.30"]
-    assert elems(plan, "set", "p_scada_line4_i0_ports") == [22, 3389]
+    assert elems(plan, "set", v4[1:]) == ["10.30.0.30"] and named(plan, "set", v4[1:])["type"] == "ipv4_addr"
+    assert elems(plan, "set", v6[1:]) == ["fd00:30::30"]
+    assert elems(plan, "set", ports[1:]) == [22, 3389]
 
 
 def test_two_guests_never_share_a_dispatch_key(tmp_path):
@@ -495,3 +533,75 @@ def test_reply_mode_is_read_from_the_rules_themselves():
     stateless = compile_plan(load_config(LAB), lab_facts())
     stateful = compile_plan(load_config(LAB), replace(lab_facts(), bridge_conntrack=True))
     assert uses_conntrack(list(stateful.nft)) and not uses_conntrack(list(stateless.nft))
+
+
+# ------------------------------------------------------------------ shared chains
+def test_ad_port_guard_sits_between_egress_allows_and_stateless_replies():
+    plan = compile_plan(load_config(LAB), lab_facts(bridge_conntrack=False))
+    for chain in ("pout_xp_line3", "pout_scada_line4"):
+        comments = [r.get("comment", "") for r in walk(plan, chain)]
+        ad = comments.index("AD protocol ports (block.domain)")
+        egress = [i for i, c in enumerate(comments) if c.startswith("egress[")]
+        replies = [i for i, c in enumerate(comments) if c.startswith(("reply:", "icmp errors:"))]
+        assert egress and replies, chain
+        assert max(egress) < ad < min(replies), (chain, comments)
+        assert ad < comments.index("only TCP, UDP and ICMP (no GRE, IPIP, 6in4, ESP, SCTP...)") < min(replies)
+        assert comments[-1].startswith("default:")
+
+
+def test_profile_independent_rules_exist_once_per_block_combination(tmp_path):
+    blocks = {"a": "{internet: true, domain: true}", "b": "{internet: true, domain: true}",
+              "c": "{internet: false, domain: true}", "d": "{internet: false, domain: false}"}
+    profs = {n: profile(n, [guest(i + 1)]) + f"block: {b}\n" for i, (n, b) in enumerate(blocks.items())}
+    profs["e"] = profile("e", [guest(9)], mode="audit") + "block: {internet: true, domain: true}\n"
+    plan = compile_plan(load_config(write_config(tmp_path, profs)), HostFacts())
+    rails = [r for r in objs(plan, "rule") if r.get("comment", "").startswith("guard rail:")]
+    # a and b share one copy; c, d one each; the audit profile e its own: 4 out + 4 in chains
+    assert sorted({r["chain"] for r in rails}) == sorted(
+        [f"common_{d}_{t}" for d in ("out", "in") for t in ("inet_dom", "dom", "open")] + ["a_e_common_out_inet_dom", "a_e_common_in_inet_dom"])
+    assert [r["expr"][0] for r in rules(plan, "pout_a")][:1] == [{"jump": {"target": "common_out_inet_dom"}}]
+    assert rules(plan, "pout_a")[0]["expr"] == rules(plan, "pout_b")[0]["expr"]
+    assert rules(plan, "pout_e")[0]["expr"] == [{"jump": {"target": "a_e_common_out_inet_dom"}}]
+    # the audit copies log under the audit profile's name and never drop
+    for r in rules(plan, "a_e_common_out_inet_dom"):
+        assert not has_expr(r, "drop")
+    assert any("segguard audit e " in repr(r["expr"]) for r in rules(plan, "a_e_common_frag"))
+    # what d (no domain block) walks has neither the DC rail nor the AD-port guard
+    d = [r.get("comment", "") for r in walk(plan, "pout_d")]
+    assert "AD protocol ports (block.domain)" not in d and "guard rail: domain controller" not in d
+    assert "guard rail: domain controller" in [r.get("comment", "") for r in walk(plan, "pout_c")]
+
+
+def test_rules_naming_the_same_peers_share_their_sets(tmp_path):
+    """Peer and port sets are named after their content: every rule of every profile
+    naming the same peers uses one set, so the set count does not grow with guests."""
+    def peer_refs(plan, chain, text):
+        return {r["expr"][0]["match"]["right"] for r in rules(plan, chain)
+                if r.get("comment", "").startswith("egress[") and text in r["comment"]}
+
+    plan = compile_plan(load_config(LAB), lab_facts(bridge_conntrack=False))
+    # egress[0..2] of scada-line4 and egress[0] of xp-line3 all go to historian_db
+    hist = peer_refs(plan, "pout_scada_line4", "to historian_db")
+    assert len(hist) == 2 and hist == peer_refs(plan, "pout_xp_line3", "to historian_db")
+    assert {elems(plan, "set", h[1:])[0] for h in hist} == {"10.30.0.20", "fd00:30::20"}
+    many = {f"p{i}": profile(f"p{i}", [guest(i, v6=True)]) for i in range(1, 40)}
+    big = compile_plan(load_config(write_config(tmp_path, many)), HostFacts())
+    few = compile_plan(load_config(write_config(tmp_path / "few", {"p1": many["p1"]})), HostFacts())
+    assert len(objs(big, "set")) == len(objs(few, "set"))
+
+
+def test_reachable_names_what_a_guest_policy_uses():
+    from segguard.compile.nft import reachable
+
+    plan = compile_plan(load_config(LAB), lab_facts(bridge_conntrack=False))
+    chains, sets = reachable(list(plan.nft), {"out_scada_line4_srv", "pin_scada_line4"})
+    assert {"out_scada_line4_srv", "nd_scada_line4_srv", "pout_scada_line4", "pin_scada_line4",
+            "common_out_inet_dom", "common_in_inet_dom", "common_frag", "common_out_post_dom"} == chains
+    # the guard-rail sets and the shared peer sets its rules name, nobody else's
+    assert {"mgmt4", "hyp6", "dc4", "internal6", "ad_ports"} <= sets
+    peer = next(r for r in rules(plan, "pout_scada_line4") if r.get("comment", "").startswith("egress[0]"))
+    assert peer["expr"][0]["match"]["right"][1:] in sets
+    assert not any(c.startswith(("out_xp", "pout_xp", "pin_xp")) for c in chains)
+    # from a base chain, every guest's chains hang off the dispatch map
+    chains, _ = reachable(list(plan.nft), {"prerouting"})
+    assert {"out_xp_line3_hmi", "out_scada_line4_srv", "pout_xp_line3", "common_out_inet_dom"} <= chains
