@@ -3,7 +3,7 @@ bridge to the moment its policy is in force, with 1, 100 and 1,000 guests config
 and the agent's memory and idle CPU.  A benchmark, not a test: it prints figures and
 writes benchmarks/results/plug.json; it asserts no timing.
 
-Setup (namespaces `sgr-plug-*`, deleted on exit): a hypervisor namespace with br0, two
+Setup (namespaces `sgy-plug-*`, deleted on exit): a hypervisor namespace with br0, two
 far-end hosts on it (the allowed peer historian_db 10.65.0.20 and the domain controller
 10.65.0.10, each a veth port with learning off and a static FDB entry, as in the lab),
 and `segguard agent` running there on a fleet of N guests whose profiles name no port,
@@ -43,7 +43,7 @@ from pathlib import Path
 
 from benchmarks import common as c
 
-PREFIX = "sgr-plug-"
+PREFIX = "sgy-plug-"
 HV = PREFIX + "hv"
 PEERS = {  # role: (ns suffix, port, mac, ipv4)
     "srv": ("srv", "srv0", "52:54:00:65:00:20", "10.65.0.20"),
@@ -174,7 +174,9 @@ class AgentProc:
     def cpu_seconds(self) -> float:
         with open(f"/proc/{self.proc.pid}/stat") as fh:
             fields = fh.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        # children included (utime+stime+cutime+cstime): the agent forks its periodic
+        # drift check and its plan writer, whose CPU is the agent's too
+        return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -213,120 +215,129 @@ def dispatch_has(nft, tap: str) -> bool:
     return False
 
 
-def run_case(n: int, plugs: int, shape: str, idle_seconds: float, budget: float) -> dict:
-    import nftables
-
-    from segguard.lab import netns as nl
-    from segguard.verify.probes import Probe, build_frame, new_marker
-
+def run_case(n: int, plugs: int, shape: str, idle_seconds: float, budget: float, ready_timeout: float = 600.0) -> dict:
     build()
     sinks: dict[str, Sink] = {}
     agent = None
     try:
-        with tempfile.TemporaryDirectory(prefix="sgr-plug-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="sgy-plug-") as tmp:
             d = Path(tmp)
             write_config(d / "cfg", n, shape)
             agent = AgentProc(d / "cfg", d / "state", d / "agent.log")
-            ready_s = agent.wait_ready()
-            # idle: nothing plugged, nothing edited; whatever the agent does on its own
-            time.sleep(1.0)
-            cpu0, w0 = agent.cpu_seconds(), time.perf_counter()
-            time.sleep(idle_seconds)
-            idle_cpu = (agent.cpu_seconds() - cpu0) / (time.perf_counter() - w0)
-            mem_idle = agent.status()
-
-            sinks = {role: Sink(_ns(v[0])) for role, v in PEERS.items()}
-            enforced_frame: list[float] = []
-            enforced_table: list[float] = []
-            unplug: list[float] = []
-            blocked_arrived = 0
-            timeouts = 0
-            nft_hv = None
-            with nl.enter_netns(HV):
-                nft_hv = nftables.Nftables()
-                nft_hv.set_json_output(True)
-            with nl.ipr(HV) as ip, nl.ipr(_ns("g")) as gip:
-                br = nl.link_index(ip, c.BRIDGE)
-                started = time.perf_counter()
-                done = 0
-                for k in range(plugs):
-                    if time.perf_counter() - started > budget:
-                        print(f"  budget of {budget:.0f} s spent after {k} plugs", flush=True)
-                        break
-                    done += 1
-                    gi = k % n
-                    tap, peer = f"sgrp{k}", f"g{k}"
-                    gmac, gv4 = c.guest_mac(gi), c.guest_v4(gi)
-                    ok_m, bad_m = new_marker(), new_marker()
-                    ok_f = build_frame(Probe(kind="udp", src_mac=gmac, dst_mac=PEERS["srv"][2], src_ip=gv4,
-                                             dst_ip=PEERS["srv"][3], dport=ALLOWED_PORT), ok_m)
-                    bad_f = build_frame(Probe(kind="udp", src_mac=gmac, dst_mac=PEERS["dc"][2], src_ip=gv4,
-                                              dst_ip=PEERS["dc"][3], dport=BLOCKED_PORT), bad_m)
-                    t0 = time.perf_counter()
-                    idx = nl.create_veth(ip, tap, c.tap_mac(gi), peer, gmac, _ns("g"))
-                    nl.enslave(ip, idx, br)
-                    nl.set_up(ip, idx)
-                    nl.set_up(gip, nl.link_index(gip, peer))
-                    with nl.enter_netns(_ns("g")):
-                        tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
-                    tx.bind((peer, 0))
-                    t_frame = t_table = None
-                    i = 0
-                    while (t_frame is None or t_table is None) and time.perf_counter() - t0 < PLUG_TIMEOUT:
-                        with contextlib.suppress(OSError):  # ENETDOWN until the veth has carrier
-                            tx.send(ok_f)
-                            tx.send(bad_f)
-                        if t_frame is None:
-                            seen = sinks["srv"].seen(ok_m)
-                            if seen is not None:
-                                t_frame = seen - t0
-                        if t_table is None and i % 2 == 0 and dispatch_has(nft_hv, tap):
-                            t_table = time.perf_counter() - t0
-                        i += 1
-                        time.sleep(0.0002)
-                    tx.close()
-                    if t_frame is None or t_table is None:
-                        timeouts += 1
-                    if t_frame is not None:
-                        enforced_frame.append(t_frame)
-                    if t_table is not None:
-                        enforced_table.append(t_table)
-                    time.sleep(0.02)  # blocked frames still in flight
-                    blocked_arrived += sinks["dc"].hits(bad_m)
-
-                    t1 = time.perf_counter()
-                    nl.delete_link(HV, tap)
-                    while dispatch_has(nft_hv, tap) and time.perf_counter() - t1 < PLUG_TIMEOUT:
-                        time.sleep(0.001)
-                    unplug.append(time.perf_counter() - t1)
-            mem_end = agent.status()
-            log_lines = (d / "agent.log").read_text().splitlines()
-            applied = [json.loads(ln) for ln in log_lines if '"applied"' in ln]
-            kinds: dict[str, int] = {}
-            apply_s: dict[str, list[float]] = {}
-            for a in applied:
-                kinds[a.get("kind", "?")] = kinds.get(a.get("kind", "?"), 0) + 1
-                if isinstance(a.get("seconds"), (int, float)):
-                    apply_s.setdefault(a.get("kind", "?"), []).append(float(a["seconds"]))
-            if os.environ.get("SGR_PLUG_KEEP_LOG"):
-                shutil.copy(d / "agent.log", os.environ["SGR_PLUG_KEEP_LOG"] + f".{n}")
-            return {
-                "guests": n, "shape": shape, "plugs": done, "plugs_asked": plugs, "agent_ready_s": ready_s,
-                "enforced_frame": c.summarize(enforced_frame), "enforced_table": c.summarize(enforced_table),
-                "unplug_table": c.summarize(unplug), "timeouts": timeouts,
-                "blocked_frames_arrived": blocked_arrived,
-                "rss_idle_bytes": mem_idle.get("VmRSS"), "rss_end_bytes": mem_end.get("VmRSS"),
-                "rss_peak_bytes": mem_end.get("VmHWM"), "idle_cpu_fraction": idle_cpu, "idle_seconds": idle_seconds,
-                "applies_by_kind": kinds,
-                # what the agent itself says each apply took (its log's "applied" events)
-                "agent_apply_seconds": {k: c.summarize(v) for k, v in apply_s.items()},
-            }
+            try:
+                return _measure(agent, d, n, plugs, shape, idle_seconds, budget, ready_timeout, sinks)
+            finally:
+                # before the directory goes: the agent (and its forked plan writer) write there
+                agent.stop()
     finally:
         for s in sinks.values():
             s.close()
         if agent is not None:
             agent.stop()
         destroy()
+
+
+def _measure(agent: "AgentProc", d: Path, n: int, plugs: int, shape: str, idle_seconds: float, budget: float,
+             ready_timeout: float, sinks: dict) -> dict:
+    import nftables
+
+    from segguard.lab import netns as nl
+    from segguard.verify.probes import Probe, build_frame, new_marker
+
+    ready_s = agent.wait_ready(ready_timeout)
+    # idle: nothing plugged, nothing edited; whatever the agent does on its own
+    time.sleep(1.0)
+    cpu0, w0 = agent.cpu_seconds(), time.perf_counter()
+    time.sleep(idle_seconds)
+    idle_cpu = (agent.cpu_seconds() - cpu0) / (time.perf_counter() - w0)
+    mem_idle = agent.status()
+
+    sinks.update({role: Sink(_ns(v[0])) for role, v in PEERS.items()})
+    enforced_frame: list[float] = []
+    enforced_table: list[float] = []
+    unplug: list[float] = []
+    blocked_arrived = 0
+    timeouts = 0
+    nft_hv = None
+    with nl.enter_netns(HV):
+        nft_hv = nftables.Nftables()
+        nft_hv.set_json_output(True)
+    with nl.ipr(HV) as ip, nl.ipr(_ns("g")) as gip:
+        br = nl.link_index(ip, c.BRIDGE)
+        started = time.perf_counter()
+        done = 0
+        for k in range(plugs):
+            if time.perf_counter() - started > budget:
+                print(f"  budget of {budget:.0f} s spent after {k} plugs", flush=True)
+                break
+            done += 1
+            gi = k % n
+            tap, peer = f"sgyp{k}", f"g{k}"
+            gmac, gv4 = c.guest_mac(gi), c.guest_v4(gi)
+            ok_m, bad_m = new_marker(), new_marker()
+            ok_f = build_frame(Probe(kind="udp", src_mac=gmac, dst_mac=PEERS["srv"][2], src_ip=gv4,
+                                     dst_ip=PEERS["srv"][3], dport=ALLOWED_PORT), ok_m)
+            bad_f = build_frame(Probe(kind="udp", src_mac=gmac, dst_mac=PEERS["dc"][2], src_ip=gv4,
+                                      dst_ip=PEERS["dc"][3], dport=BLOCKED_PORT), bad_m)
+            t0 = time.perf_counter()
+            idx = nl.create_veth(ip, tap, c.tap_mac(gi), peer, gmac, _ns("g"))
+            nl.enslave(ip, idx, br)
+            nl.set_up(ip, idx)
+            nl.set_up(gip, nl.link_index(gip, peer))
+            with nl.enter_netns(_ns("g")):
+                tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+            tx.bind((peer, 0))
+            t_frame = t_table = None
+            i = 0
+            while (t_frame is None or t_table is None) and time.perf_counter() - t0 < PLUG_TIMEOUT:
+                with contextlib.suppress(OSError):  # ENETDOWN until the veth has carrier
+                    tx.send(ok_f)
+                    tx.send(bad_f)
+                if t_frame is None:
+                    seen = sinks["srv"].seen(ok_m)
+                    if seen is not None:
+                        t_frame = seen - t0
+                if t_table is None and i % 2 == 0 and dispatch_has(nft_hv, tap):
+                    t_table = time.perf_counter() - t0
+                i += 1
+                time.sleep(0.0002)
+            tx.close()
+            if t_frame is None or t_table is None:
+                timeouts += 1
+            if t_frame is not None:
+                enforced_frame.append(t_frame)
+            if t_table is not None:
+                enforced_table.append(t_table)
+            time.sleep(0.02)  # blocked frames still in flight
+            blocked_arrived += sinks["dc"].hits(bad_m)
+
+            t1 = time.perf_counter()
+            nl.delete_link(HV, tap)
+            while dispatch_has(nft_hv, tap) and time.perf_counter() - t1 < PLUG_TIMEOUT:
+                time.sleep(0.001)
+            unplug.append(time.perf_counter() - t1)
+    mem_end = agent.status()
+    log_lines = (d / "agent.log").read_text().splitlines()
+    applied = [json.loads(ln) for ln in log_lines if '"applied"' in ln]
+    kinds: dict[str, int] = {}
+    apply_s: dict[str, list[float]] = {}
+    for a in applied:
+        kinds[a.get("kind", "?")] = kinds.get(a.get("kind", "?"), 0) + 1
+        if isinstance(a.get("seconds"), (int, float)):
+            apply_s.setdefault(a.get("kind", "?"), []).append(float(a["seconds"]))
+    if os.environ.get("SGR_PLUG_KEEP_LOG"):
+        shutil.copy(d / "agent.log", os.environ["SGR_PLUG_KEEP_LOG"] + f".{n}")
+    return {
+        "guests": n, "shape": shape, "plugs": done, "plugs_asked": plugs, "agent_ready_s": ready_s,
+        "enforced_frame": c.summarize(enforced_frame), "enforced_table": c.summarize(enforced_table),
+        "unplug_table": c.summarize(unplug), "timeouts": timeouts,
+        "blocked_frames_arrived": blocked_arrived,
+        "rss_idle_bytes": mem_idle.get("VmRSS"), "rss_end_bytes": mem_end.get("VmRSS"),
+        "rss_peak_bytes": mem_end.get("VmHWM"), "idle_cpu_fraction": idle_cpu, "idle_seconds": idle_seconds,
+        "applies_by_kind": kinds,
+        # what the agent itself says each apply took (its log's "applied" events)
+        "agent_apply_seconds": {k: c.summarize(v) for k, v in apply_s.items()},
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -338,6 +349,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--idle-seconds", type=float, default=15.0)
     ap.add_argument("--budget", type=float, default=600.0,
                     help="seconds of plugging per case; fewer plugs are reported when a slow agent spends it")
+    ap.add_argument("--ready-timeout", type=float, default=600.0,
+                    help="seconds the agent may take to apply the fleet and say ready (the case fails past it)")
     args = ap.parse_args(argv)
     c.require_root()
     if shutil.which("ip") is None:
@@ -345,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     cases = []
     for n in args.guests:
         print(f"plug: {n} guests ({args.shape}), {args.plugs} plugs ...", flush=True)
-        cases.append(run_case(n, args.plugs, args.shape, args.idle_seconds, args.budget))
+        cases.append(run_case(n, args.plugs, args.shape, args.idle_seconds, args.budget, args.ready_timeout))
         # after every case, so an interrupted run keeps what it measured
         c.write_result("plug", {"args": vars(args), "cases": cases, "complete": False,
                                 "targets": {"p99_s": 0.1, "rss_bytes": 80 << 20}})

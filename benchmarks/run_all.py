@@ -7,7 +7,7 @@ import argparse
 import time
 import traceback
 
-from benchmarks import bench_apply, bench_compile, bench_forwarding, bench_nwfilter, bench_verify, common as c, plot
+from benchmarks import bench_apply, bench_compile, bench_forwarding, bench_nwfilter, bench_plug, bench_verify, common as c, plot
 
 QUICK = {
     "compile": ["--n", "10", "100", "1000", "--runs", "2"],
@@ -15,6 +15,7 @@ QUICK = {
     "forwarding": ["--rounds", "2", "--seconds", "3", "--rr", "1000"],
     "verify": ["--runs", "1"],
     "nwfilter": ["--n", "5", "--runs", "1"],
+    "plug": ["--guests", "1", "100", "--plugs", "20", "--idle-seconds", "5", "--budget", "60"],
 }
 
 
@@ -25,7 +26,7 @@ def main() -> None:
     args = ap.parse_args()
     c.require_root()
     mods = {"compile": bench_compile, "apply": bench_apply, "forwarding": bench_forwarding,
-            "verify": bench_verify, "nwfilter": bench_nwfilter}
+            "verify": bench_verify, "nwfilter": bench_nwfilter, "plug": bench_plug}
     failed, spent = [], {}
     for name, mod in mods.items():
         if args.only and name not in args.only:

@@ -8,6 +8,7 @@ restart that finds the kernel already holding the plan sends nothing, and only
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import signal
@@ -40,7 +41,7 @@ class Agent:
                  log: Log | None = None):
         from segguard.agent.metrics import Metrics
         from segguard.agent.reconcile import Reconciler
-        from segguard.agent.schedule import BoundedRunner, Periodic, Scheduler
+        from segguard.agent.schedule import BoundedRunner, Deferred, Periodic, Scheduler
         from segguard.agent.verify import VerifyRounds
 
         self.log = log or Log()
@@ -55,9 +56,16 @@ class Agent:
         self.sched = Scheduler()
         self.base_interval = min_interval
         self.runner = self.sched.add(BoundedRunner(self._reconcile, min_interval))
-        self.drift_tick = self.sched.add(Periodic(lambda: self.runner.request("drift-check"), drift_every))
+        self.drift_every = drift_every
+        self.drift_tick = self.sched.add(Periodic(self._drift_tick, drift_every))
+        self.sel: selectors.BaseSelector | None = None
+        self._checker: tuple[int, int, int, float] | None = None  # pid, read fd, generation, started
+        self._writer_pid: int | None = None
         # after the runner: a reconcile requested meanwhile runs before the next guest's verify
         self.verify_tick = self.sched.add(VerifyRounds(self._verify_guest, self._verify_targets, verify_every))
+        # the applied plan's file (hook, status) trails a tap bind by a second instead of
+        # costing the bind a serialization of the whole plan
+        self.persist = self.sched.add(Deferred(lambda: self._persist(sync=False), 1.0))
         self._reload = False
 
     # -- tasks ------------------------------------------------------------------------
@@ -72,10 +80,115 @@ class Agent:
             self.runner.min_interval = min(30.0, max(1.0, self.runner.min_interval * 2))
         else:
             self.runner.min_interval = self.base_interval
+        if self.rec.dirty:
+            self.persist.request(time.monotonic())
+        self._reap()
+        if self.rec.road == "full":
+            self._trim()
         self._write_state()
 
+    def _persist(self, sync: bool = True) -> None:
+        """The applied plan's file. Asynchronously (a forked child writes the copy-on-write
+        snapshot) when called from the loop: serializing a 1,000-guest plan takes about a
+        second, and a tap plugged meanwhile must not wait for it."""
+        from segguard.agent.state import write_applied
+
+        if self.rec.applied is None or not self.rec.dirty:
+            return
+        self._reap()
+        if not sync and self._writer_pid is not None:
+            self.persist.request(time.monotonic())  # one writer at a time, or an older one could land last
+            return
+        if not sync:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                code = 0
+                try:
+                    write_applied(self.rec.applied)
+                except BaseException:  # noqa: BLE001
+                    code = 1
+                os._exit(code)
+            self._writer_pid = pid
+            self.rec.dirty = False
+            return
+        if self._writer_pid is not None:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self._writer_pid, 0)
+            self._writer_pid = None
+        try:
+            write_applied(self.rec.applied)
+            self.rec.dirty = False
+        except OSError as exc:
+            self.log.error("state-write-failed", error=repr(exc))
+
+    def _reap(self) -> None:
+        if self._writer_pid is not None:
+            try:
+                done, status = os.waitpid(self._writer_pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = self._writer_pid, 0
+            if done:
+                self._writer_pid = None
+                if status:
+                    self.rec.dirty = True
+                    self.log.error("state-write-failed", error=f"applied plan writer exited with {status}")
+
+    # -- the periodic drift check ------------------------------------------------------------
+    def _drift_tick(self) -> None:
+        """Every drift period: compare the live table with the plan.
+
+        Where the host has a VLAN layer the whole check (hardening knobs included) runs
+        in the loop, as a reconcile. Otherwise only nftables is checked, and that in a
+        forked child: listing a 1,000-guest table takes libnftables ~20 s, which the
+        loop must not spend while taps wait. The child only reads and answers '=' (the
+        kernel holds the plan) or '!'; a '!' is confirmed and repaired by a reconcile
+        in the loop, under the writer lock. A check that overlapped one of our own
+        writes proves nothing and is simply run again."""
+        if self.rec.topology.caps().vlan_filtering or self.sel is None:
+            self.runner.request("drift-check")
+            return
+        if self._checker is not None or self.rec.applied is None:
+            return
+        r, w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            answer = b"?"
+            try:
+                os.close(r)
+                answer = b"=" if self.rec.kernel_matches() else b"!"
+            except BaseException:  # noqa: BLE001
+                pass
+            try:
+                os.write(w, answer)
+            finally:
+                os._exit(0)
+        os.close(w)
+        self._checker = (pid, r, self.rec.generation, time.monotonic())
+        self.sel.register(r, selectors.EVENT_READ, "drift-child")
+
+    def _drift_answer(self) -> None:
+        pid, r, gen, t0 = self._checker
+        try:
+            answer = os.read(r, 1)
+        finally:
+            self.sel.unregister(r)
+            os.close(r)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            self._checker = None
+        took = time.monotonic() - t0
+        # a check that costs more than a fifth of the period stretches it: at most ~20 % of a core
+        if self.drift_every and self.drift_tick.next_at is not None:
+            self.drift_tick.next_at = max(self.drift_tick.next_at, time.monotonic() + 4 * took)
+        if answer == b"=":
+            return
+        if gen != self.rec.generation:
+            self._drift_tick()  # we wrote meanwhile: look again
+            return
+        self.runner.request("drift-check")
+
     def _verify_targets(self) -> list[str]:
-        guests = [b.guest for b in self.rec.desired.bindings] if self.rec.desired else []
+        guests = [b.guest for b in self.rec.bindings]
         for gone in set(self.verify_results) - set(guests):
             self.verify_results.pop(gone, None)
             self.metrics.forget_guest(gone)
@@ -103,6 +216,8 @@ class Agent:
             # put the agent's plan back now, in the same lock; the switch was ours, not drift
             try:
                 self.rec.reconcile(frozenset({"after-verify"}))
+                if self.rec.dirty:
+                    self.persist.request(time.monotonic())
             except Exception as exc:  # noqa: BLE001
                 self.log.error("task-failed", error=repr(exc))
         self.verifying = None
@@ -114,24 +229,44 @@ class Agent:
         self._write_state()
 
     def _write_state(self) -> None:
-        from segguard.agent.state import STATE_NAME, snapshot
-        from segguard.flow import write_state
+        from segguard.agent.state import snapshot, write_agent_state
 
         try:
             data = snapshot(self.rec, self.verify_results, self.started, os.getpid(), self.ready)
             # while a live verify runs the table holds its stand-in plan: status says why
             data["verifying"] = self.verifying
-            write_state(STATE_NAME, data)
+            write_agent_state(data)
         except Exception as exc:  # noqa: BLE001 - status is a report; enforcement goes on without it
             self.log.error("state-write-failed", error=repr(exc))
+
+    @staticmethod
+    def _trim() -> None:
+        """A full compile and read-back are transient (the whole table as JSON dicts,
+        twice); hand the freed heap back so the idle agent's RSS is what it keeps."""
+        import ctypes
+        import gc
+
+        gc.collect()
+        # what survives is the long-lived plan: out of the collector's sight, or every
+        # full collection walks a million dicts (a ~1 s stall at 1,000 guests, in
+        # the middle of some tap's bind)
+        gc.freeze()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
     # -- events -------------------------------------------------------------------------
     def _on_links(self, events) -> None:
         from segguard.agent.events import AddrEvent, BridgePortEvent
 
+        if self.links.overflowed:
+            # the kernel dropped link events: look at everything, not at one binding
+            self.links.overflowed = False
+            self.runner.request("link-overflow")
         guarded = set(self.rec.bridges)
         guarded_idx = {i for i, (n, _) in self.links.links.items() if n in guarded}
-        explicit = {b.port for b in (self.rec.desired.bindings if self.rec.desired else ()) if b.port}
+        explicit = {b.port for b in self.rec.bindings if b.port}
         for ev in events:
             if isinstance(ev, AddrEvent):
                 if ev.index in guarded_idx:
@@ -144,8 +279,11 @@ class Agent:
                 continue
             if ev.ifname.startswith("sgprobevf"):
                 continue  # the capability probe's scratch bridge
+            # a bound tap's DELLINK can name no master: it left the bridge (an event of
+            # its own, seen while it was still listed) before it was deleted
             relevant = (ev.ifname in guarded or ev.ifname in explicit or ev.master in guarded_idx
-                        or ev.prev_master in guarded_idx)
+                        or ev.prev_master in guarded_idx
+                        or (ev.kind == "del" and any(b.port == ev.ifname for b in self.rec.bindings)))
             if not relevant:
                 continue
             if ev.kind == "moved":
@@ -157,7 +295,9 @@ class Agent:
                     self.log.info("link", kind="moved", ifname=ev.ifname, frm=frm, to=to)
             else:
                 self.log.info("link", kind=ev.kind, ifname=ev.ifname, mac=ev.mac, master=self.links.name_of(ev.master))
-            self.runner.request(f"link-{ev.kind}")
+            # a bind is one small transaction: no need to wait out the runner's period
+            # (unless it is backing off from a kernel that refuses)
+            self.runner.request(f"link-{ev.kind}", urgent=self.runner.min_interval <= self.base_interval)
 
     def _on_signal(self, signum: int, _frame) -> None:
         if signum == signal.SIGHUP:
@@ -178,7 +318,7 @@ class Agent:
         # probe kernel capabilities before listening, so the probe's own links are not events
         self.rec.topology.caps()
         self.links = LinkMonitor()
-        sel = selectors.DefaultSelector()
+        sel = self.sel = selectors.DefaultSelector()
         sel.register(self.links, selectors.EVENT_READ, "link")
         sel.register(rfd, selectors.EVENT_READ, "signal")
         try:
@@ -195,6 +335,10 @@ class Agent:
 
         self.rec.load()
         self.rec.reconcile(frozenset({"start"}))
+        # before READY: libvirt's hook may consult the applied plan the moment we say so
+        self.rec.dirty = True
+        self._persist()
+        self._trim()
         now = time.monotonic()
         self.runner.last_run = now
         for t in (self.drift_tick, self.verify_tick):
@@ -205,8 +349,7 @@ class Agent:
             self.metrics.serve(self.metrics_addr[1], self.metrics_addr[0])
             self.log.info("metrics", addr=f"{self.metrics_addr[0]}:{self.metrics_addr[1]}")
         _sd_notify("READY=1")
-        self.log.info("agent-ready", table_present=self.rec.realized is not None,
-                      guests=len(self.rec.desired.bindings) if self.rec.desired else 0)
+        self.log.info("agent-ready", table_present=self.rec.table_present, guests=len(self.rec.bindings))
         while not self.stop:
             for key, _ in sel.select(self.sched.timeout(time.monotonic())):
                 try:
@@ -218,6 +361,8 @@ class Agent:
                     elif key.data == "config":
                         if self.cfgwatch.read():
                             self.runner.request("config")
+                    elif key.data == "drift-child":
+                        self._drift_answer()
                     elif key.data == "signal":
                         os.read(rfd, 4096)
                 except Exception as exc:  # noqa: BLE001 - a bad event must not stop enforcement
@@ -228,6 +373,7 @@ class Agent:
                 self.sched.run_due(time.monotonic())
             except Exception as exc:  # noqa: BLE001
                 self.log.error("task-failed", error=repr(exc))
+        self._persist()
         # Stopping removes nothing: the table stays exactly as the kernel holds it.
         self.log.info("agent-stop", table_left_in_place=True)
         return 0

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from segguard.agent.vlans import FULL_CHECK, restore_view
-from segguard.apply.incremental import ELEMENT_OBJECTS, apply_delta, element_delta
-from segguard.apply.nftables import NftablesApplier, diff_objects, normalize, rule_order
+from segguard.apply.incremental import (ELEMENT_OBJECTS, LiveElements, apply_delta, delta_batch, element_delta,
+                                        read_back_elements, rebind_delta)
+from segguard.apply.nftables import Fingerprint, NftablesApplier, diff_objects, normalize, rule_order
 from segguard.compile import compile_plan
 from segguard.compile.nft import ident
 from segguard.config.validate import Config, load_config
@@ -210,7 +211,18 @@ class Outcome:
     vlan_changes: list[str] = field(default_factory=list)
 
 
+# Reasons the one-binding road can answer alone: a port came, went or moved, a
+# bridge's addresses or a port's VLANs may have changed. It re-reads the host facts
+# and hands anything beyond port bindings (an address that did change) to the full road.
+LINK_REASONS = frozenset({"link-new", "link-del", "link-moved", "bridge-address", "bridge-port"})
+
+
 class Reconciler:
+    """Holds ONE copy of the policy: the last full plan (`_base`) plus the dispatch
+    elements and port chains bindings have changed since (`_live`). `applied`,
+    `desired` and `realized` are views of it, rebuilt only when a full check needs the
+    objects; after a read-back that matched, the kernel's listing is not kept."""
+
     def __init__(self, config_dir: str | Path | None, log, metrics=None, topology: TopologyReader | None = None,
                  applier: NftablesApplier | None = None, on_change: Callable[[], None] | None = None):
         self.config_dir = config_dir
@@ -221,18 +233,73 @@ class Reconciler:
         self.config: Config | None = None
         self.config_error: list[str] | None = None
         self.config_error_at: float | None = None
-        self.desired: Plan | None = None
-        self.applied: Plan | None = None
-        self.realized: list[dict[str, Any]] | None = None
+        self._base: Plan | None = None          # last full plan (its bindings are current, its elements may not be)
+        self._live: LiveElements | None = None  # dispatch elements and port chains as the kernel holds them
+        self._stale = False                     # _base's own elements lag behind _live
+        self._view: Plan | None = None
+        self._realized_other: list[dict[str, Any]] | None = None  # a listing that did NOT match the plan
+        self._realized_same = False
+        self._facts: HostFacts | None = None    # what the applied plan was compiled from
+        self._facts_config: Config | None = None
         self.last_apply: dict[str, Any] | None = None
         self.last_drift: dict[str, Any] | None = None
         self.guest_drift: dict[str, dict[str, Any]] = {}
         self.drift_counts: dict[str, int] = {}
         self.on_change = on_change
         self.former_ports: dict[str, Binding] = {}
+        self.dirty = False                      # applied.json lags behind (written when idle)
+        self.fast_path_skipped: str | None = None
+        self.road = ""                          # the last reconcile's: "fast" (one binding) or "full"
+        self.generation = 0                     # bumped by every write of ours
+        self._index = None                      # (config, guests by tap MAC, by explicit port, by MAC)
         from segguard.agent.vlans import VlanLayer
 
         self.vlan = VlanLayer(log, metrics)
+
+    # -- the one copy, and its views -------------------------------------------------------
+    @property
+    def applied(self) -> Plan | None:
+        if self._base is not None and self._stale:
+            if self._view is None:
+                self._view = dataclasses.replace(self._base, nft=tuple(self._live.objects(self._base.nft, self._base.table)))
+            return self._view
+        return self._base
+
+    desired = applied  # the agent makes the kernel hold what it compiled: after a reconcile they are one
+
+    @property
+    def realized(self) -> list[dict[str, Any]] | None:
+        if self._realized_same:
+            a = self.applied
+            return list(a.nft) if a is not None else None
+        return self._realized_other
+
+    @property
+    def bindings(self) -> tuple[Binding, ...]:
+        return self._base.bindings if self._base is not None else ()
+
+    def kernel_matches(self) -> bool:
+        """Whether the live table is exactly the applied plan (a read-only check, for
+        the agent's forked drift checker: its own libnftables context, since a forked
+        child must not share the parent's netlink socket)."""
+        from segguard.apply.nftables import Nft
+
+        plan = self.applied
+        realized = NftablesApplier(Nft()).realized(plan.table)
+        return realized is not None and Fingerprint.of(realized) == Fingerprint.of(list(plan.nft))
+
+    def in_sync(self) -> bool:
+        """The last read-back matched the plan (every guest's policy realized)."""
+        return self._realized_same
+
+    @property
+    def table_present(self) -> bool:
+        return self._realized_same or self._realized_other is not None
+
+    def _set_full(self, plan: Plan, facts: HostFacts, realized_same: bool, realized: list[dict[str, Any]] | None) -> None:
+        self._base, self._live, self._stale, self._view = plan, LiveElements.of(plan.nft), False, None
+        self._facts, self._facts_config = facts, self.config
+        self._realized_same, self._realized_other = realized_same, (None if realized_same else realized)
 
     # -- config ---------------------------------------------------------------------
     def load(self) -> bool:
@@ -250,7 +317,7 @@ class Reconciler:
         self.config, self.config_error, self.config_error_at = cfg, None, None
         if self.metrics:
             self.metrics.config_valid.set(1)
-        self.log.info("config-loaded", directory=str(cfg.directory), profiles=[lp.name for lp in cfg.profiles],
+        self.log.info("config-loaded", directory=str(cfg.directory), profiles=len(cfg.profiles),
                       guests=len(cfg.guests()))
         return True
 
@@ -261,8 +328,7 @@ class Reconciler:
     def guest_by_port(self, port: str) -> Binding | None:
         """Who is (or was last) bound to `port`: a tap moved off its bridge is already
         unbound by the time its event is read, and the event still names its guest."""
-        plan = self.applied or self.desired
-        b = next((b for b in plan.bindings if b.port == port), None) if plan else None
+        b = next((b for b in self.bindings if b.port == port), None)
         return b or self.former_ports.get(port)
 
     # -- drift bookkeeping ------------------------------------------------------------
@@ -271,17 +337,17 @@ class Reconciler:
         ev = {"at": now, "kind": kind, "detail": detail}
         self.last_drift = ev
         self.drift_counts[kind] = self.drift_counts.get(kind, 0) + 1
-        for g in guests if guests is not None else [b.guest for b in (self.applied.bindings if self.applied else ())]:
+        for g in guests if guests is not None else [b.guest for b in self.bindings]:
             self.guest_drift[g] = ev
         if self.metrics:
             self.metrics.drift.labels(kind).inc()
         self.log.warning("drift", kind=kind, detail=detail, guests=guests)
 
     def _guests_touched(self, kind: str, detail: str) -> list[str] | None:
-        if not self.applied or kind == "table-deleted":
+        if self._base is None or kind == "table-deleted":
             return None
         hit = []
-        for b in self.applied.bindings:
+        for b in self.bindings:
             names = {f"out_{ident(b.guest)}", f"nd_{ident(b.guest)}", f"pout_{ident(b.profile)}", f"pin_{ident(b.profile)}"}
             if any(detail.endswith(" " + n) for n in names) or detail.startswith(f"set p_{ident(b.profile)}_"):
                 hit.append(b.guest)
@@ -289,7 +355,7 @@ class Reconciler:
 
     # -- the loop body -----------------------------------------------------------------
     def reconcile(self, reasons: frozenset[str] | set[str] = frozenset({"manual"})) -> Outcome:
-        from segguard.flow import record_applied, writer_lock
+        from segguard.flow import writer_lock
 
         if self.config is None:
             return Outcome("skipped", error="no valid config loaded")
@@ -297,41 +363,10 @@ class Reconciler:
         kind = "none"
         try:
             with writer_lock():
-                facts = self.topology.facts(self.bridges)
-                desired = compile_plan(self.config, facts)
-                if desired.vlans:
-                    desired = dataclasses.replace(desired, vlans=restore_view(self.config, facts, desired.bindings,
-                                                                              self.vlan.applied))
-                realized = self.applier.realized(desired.table)
-                # after a live verify the table holds the plan the verifier put back (or its
-                # stand-in plan, if it failed half-way): our own switch, not drift
-                ours = "after-verify" in reasons
-                drift = classify_drift(list(self.applied.nft), realized) if self.applied is not None and not ours else []
-                for k, detail in drift:
-                    self.record_drift(k, detail, self._guests_touched(k, detail))
-                delta = element_delta(list(desired.nft), realized)
-                if delta is not None and delta.empty:
-                    changes: list[str] = []
-                elif delta is not None:
-                    kind, changes = "incremental", delta.describe()
-                    apply_delta(desired, delta, self.applier.nft)
-                else:
-                    kind = "full"
-                    changes = ["table absent: created"] if realized is None else diff_objects(list(desired.nft), realized).describe(limit=10)
-                    self.applier.apply(desired)
-                if kind != "none" or self.applied is None:
-                    record_applied(desired)
-                for b in self.applied.bindings if self.applied else ():
-                    if b.port:
-                        self.former_ports[b.port] = b
-                self.desired = self.applied = desired
-                self.realized = realized if kind == "none" else self.applier.realized(desired.table)
-                # the VLAN layer after the nftables one, in the same lock: the MAC
-                # rules already hold whatever the port's VLAN is meanwhile
-                vlan_changes = self.vlan.reconcile(desired, facts, bool(set(reasons) & FULL_CHECK), frozenset(reasons),
-                                                   self.record_drift)
-                if vlan_changes and kind == "none":
-                    record_applied(desired)
+                fast = self._rebind(reasons, start) if set(reasons) <= LINK_REASONS else None
+                if fast is not None:
+                    return fast
+                kind, drift, changes, vlan_changes = self._full(reasons)
         except SegguardError as exc:
             seconds = time.monotonic() - start
             self.log.error("apply-failed", error=str(exc), reasons=sorted(reasons),
@@ -340,6 +375,9 @@ class Reconciler:
                 self.metrics.applies.labels(kind if kind != "none" else "full", "error").inc()
             self.last_apply = {"at": time.time(), "kind": kind, "result": "error", "error": str(exc)}
             return Outcome("error", seconds, error=str(exc))
+        return self._done(kind, start, reasons, changes, drift, vlan_changes)
+
+    def _done(self, kind: str, start: float, reasons, changes: list[str], drift=(), vlan_changes=()) -> Outcome:
         seconds = time.monotonic() - start
         if kind != "none":
             self.last_apply = {"at": time.time(), "kind": kind, "result": "ok", "seconds": round(seconds, 4)}
@@ -348,10 +386,180 @@ class Reconciler:
                 self.metrics.apply_seconds.labels(kind).observe(seconds)
             self.log.info("applied", kind=kind, seconds=round(seconds, 4), reasons=sorted(reasons), changes=changes[:20])
         self._count_guests()
-        return Outcome(kind, seconds, drift, changes, vlan_changes=vlan_changes)
+        return Outcome(kind, seconds, list(drift), changes, vlan_changes=list(vlan_changes))
+
+    def _full(self, reasons) -> tuple[str, list, list[str], list[str]]:
+        """Observe everything: compile the whole plan, list the whole table, classify
+        drift against what was applied, repair by elements or by the one-transaction
+        replace, read back."""
+        kind = "none"
+        self.road = "full"
+        facts = self.topology.facts(self.bridges)
+        desired = compile_plan(self.config, facts)
+        if desired.vlans:
+            desired = dataclasses.replace(desired, vlans=restore_view(self.config, facts, desired.bindings, self.vlan.applied))
+        realized = self.applier.realized(desired.table)
+        want = Fingerprint.of(list(desired.nft))
+        have = Fingerprint.of(realized) if realized is not None else None
+        applied = self.applied
+        # after a live verify the table holds the plan the verifier put back (or its
+        # stand-in plan, if it failed half-way): our own switch, not drift
+        ours = "after-verify" in reasons
+        drift: list[tuple[str, str]] = []
+        if applied is not None and not ours:
+            # the common case, nothing changed anywhere: applied is desired, whose
+            # fingerprint is at hand, so no third fingerprint of the whole table
+            same = have is not None and have == (want if applied.nft == desired.nft else Fingerprint.of(list(applied.nft)))
+            if not same:
+                drift = classify_drift(list(applied.nft), realized)
+        for k, detail in drift:
+            self.record_drift(k, detail, self._guests_touched(k, detail))
+        # until a write is read back, the kernel's listing is the truth (a refused apply keeps it)
+        self._realized_same, self._realized_other = False, realized
+        if have is not None and have == want:
+            changes: list[str] = []
+        else:
+            self.generation += 1
+            delta = element_delta(list(desired.nft), realized)
+            if delta is not None and not delta.empty:
+                kind, changes = "incremental", delta.describe()
+                apply_delta(desired, delta, self.applier.nft)
+            else:
+                kind = "full"
+                changes = ["table absent: created"] if realized is None else diff_objects(list(desired.nft), realized, want).describe(limit=10)
+                self.applier.apply(desired)
+        if kind == "none":
+            # a whole-table look that found nothing to do: cheap to log, and it says
+            # what keeps the agent busy when it is
+            self.log.info("checked", road="full", reasons=sorted(reasons), drift=len(drift))
+        if kind != "none" or self._base is None or self.applied.bindings != desired.bindings:
+            self.dirty = True
+        for b in self.bindings:
+            if b.port:
+                self.former_ports[b.port] = b
+        # a write above was read back exactly (else it raised); without one, the listing is the truth
+        del realized
+        self._set_full(desired, facts, True, None)
+        vlan_changes = self.vlan.reconcile(desired, facts, bool(set(reasons) & FULL_CHECK), frozenset(reasons),
+                                           self.record_drift)
+        if vlan_changes:
+            self.dirty = True
+        return kind, drift, changes, vlan_changes
+
+    def _rebind(self, reasons, start: float) -> Outcome | None:
+        """A port came, went or moved: compile only the guests whose binding changed,
+        send their element delta in one transaction, read back only what it touched.
+        None when anything else changed too (the full road then decides)."""
+        from segguard.compile.bind import bind_guests
+        from segguard.compile.nft import compile_nft
+        from segguard.compile.vlan import vlan_layer_missing
+
+        base, live, old_facts = self._base, self._live, self._facts
+        if base is None or live is None or old_facts is None or self._facts_config is not self.config or not self._realized_same:
+            return self._skip("no full plan in force yet")
+        facts = self.topology.facts(self.bridges)
+        if ([(b.name, b.addresses) for b in facts.bridges] != [(b.name, b.addresses) for b in old_facts.bridges]
+                or facts.bridge_conntrack != base.stateful):
+            return self._skip("bridges or their addresses changed")
+        present = {p.name for br in facts.bridges for p in br.ports}
+        was_present = {p.name for br in old_facts.bridges for p in br.ports}
+        bindings = self._bind_changed(old_facts, facts)
+        if bindings is None:
+            return self._skip("two guests claim one port")
+        old = base.bindings
+        changed = {n.guest for n, o in zip(bindings, old)
+                   if n.port != o.port or (n.port is not None and (n.port in present) != (n.port in was_present))}
+        kind, changes = "none", []
+        plan = dataclasses.replace(base, bindings=tuple(bindings))
+        if changed:
+            sub = self._sub_config(changed)
+            before = compile_nft(sub, old_facts, [b for b in old if b.guest in changed], base.stateful, base.table)
+            after = compile_nft(sub, facts, [b for b in bindings if b.guest in changed], base.stateful, base.table)
+            delta = rebind_delta(before, after, live)
+            if delta is None:
+                return self._skip("the changed guests' slices differ in more than elements")
+            if not delta.empty:
+                batch = delta_batch(base.table, delta)
+                self.generation += 1
+                try:
+                    self.applier.nft.run(batch, "element updates of the segguard table")
+                except SegguardError as exc:
+                    self._realized_same, self._realized_other = False, None  # unknown now: the full road lists and repairs
+                    return self._skip(f"element transaction refused: {exc}")
+                live.apply(delta)
+                self._stale, self._view = True, None
+                problems = read_back_elements(self.applier.nft, base.table, live, delta)
+                if problems:
+                    self._realized_same, self._realized_other = False, None
+                    self.log.warning("read-back-differs", after="element updates", problems=problems[:10])
+                    return self._skip("read-back of the touched objects differs")
+                kind, changes = "incremental", delta.describe()
+                self.dirty = True
+        for b in old:
+            if b.port:
+                self.former_ports[b.port] = b
+        self.road = "fast"
+        self._base, self._facts = plan, facts
+        if self._stale:
+            self._view = None
+        vlan_changes: list[str] = []
+        if facts.vlan_filtering or base.vlans:
+            vplan = dataclasses.replace(plan, vlans=restore_view(self.config, facts, plan.bindings, self.vlan.applied),
+                                        vlan_layer=vlan_layer_missing(self.config, facts))
+            vlan_changes = self.vlan.reconcile(vplan, facts, False, frozenset(reasons), self.record_drift)
+            self._base = dataclasses.replace(self._base, vlans=vplan.vlans, vlan_layer=vplan.vlan_layer)
+            if vlan_changes:
+                self.dirty = True
+        return self._done(kind, start, reasons, changes, (), vlan_changes)
+
+    def _bind_changed(self, old_facts: HostFacts, facts: HostFacts) -> list[Binding] | None:
+        """The bindings under `facts`, re-deriving only the guests a changed port or
+        libvirt interface can concern (compile/bind.py decides, on a sub-config of
+        them): binding one tap does not walk every guest's profile. None if two guests
+        end up claiming one port (the full road then leaves both unbound)."""
+        from segguard.compile.bind import bind_guests, tap_mac
+
+        if self._index is None or self._index[0] is not self.config:
+            by_tap: dict[str, list[str]] = {}
+            by_port: dict[str, list[str]] = {}
+            by_mac: dict[str, list[str]] = {}
+            for _lp, g in self.config.guests():
+                by_tap.setdefault(tap_mac(g.mac), []).append(g.name)
+                by_mac.setdefault(g.mac, []).append(g.name)
+                if g.port:
+                    by_port.setdefault(g.port, []).append(g.name)
+            self._index = (self.config, by_tap, by_port, by_mac)
+        _, by_tap, by_port, by_mac = self._index
+        ports = lambda f: {(br.name, p.name, p.mac) for br in f.bridges for p in br.ports}  # noqa: E731
+        moved = ports(old_facts) ^ ports(facts)
+        names = {n for _b, n, _m in moved}
+        cand = {g for _b, n, m in moved for g in [*by_tap.get(m, ()), *by_port.get(n, ())]}
+        cand |= {g for _p, mac in set(old_facts.libvirt_ports) ^ set(facts.libvirt_ports) for g in by_mac.get(mac, ())}
+        old = self._base.bindings
+        cand |= {b.guest for b in old if b.port in names}
+        if not cand:
+            return list(old)
+        fresh, _warnings = bind_guests(self._sub_config(cand), facts)
+        new = {b.guest: b for b in fresh}
+        out = [new.get(b.guest, b) for b in old]
+        bound = [b.port for b in out if b.port]
+        return out if len(bound) == len(set(bound)) else None
+
+    def _sub_config(self, guests: set[str]) -> Config:
+        """The config with only `guests` (and their profiles)."""
+        profiles = []
+        for lp in self.config.profiles:
+            mine = [g for g in lp.profile.guests if g.name in guests]
+            if mine:
+                profiles.append(dataclasses.replace(lp, profile=lp.profile.model_copy(update={"guests": mine})))
+        return dataclasses.replace(self.config, profiles=tuple(profiles))
+
+    def _skip(self, why: str) -> None:
+        self.fast_path_skipped = why
+        return None
 
     def _count_guests(self) -> None:
-        if self.metrics and self.desired:
-            bound = sum(1 for b in self.desired.bindings if b.port)
+        if self.metrics and self._base is not None:
+            bound = sum(1 for b in self.bindings if b.port)
             self.metrics.guests.labels("protected").set(bound)
-            self.metrics.guests.labels("unbound").set(len(self.desired.bindings) - bound)
+            self.metrics.guests.labels("unbound").set(len(self.bindings) - bound)

@@ -14,7 +14,9 @@ class BoundedRunner:
     The first request after a quiet period runs at once (a new tap is bound without
     waiting); requests arriving while a run is due or within `min_interval` of the last
     run are merged into the next run, so a thousand link events cost one reconcile.
-    `max_interval` forces a run even without requests (None: never)."""
+    `max_interval` forces a run even without requests (None: never). An `urgent`
+    request (a tap to bind: cheap, and its guest's frames are dropped until it is)
+    runs at the next pass instead of waiting out `min_interval`."""
 
     fn: Callable[[frozenset[str]], object]
     min_interval: float
@@ -22,15 +24,17 @@ class BoundedRunner:
     last_run: float | None = None
     pending: set[str] = field(default_factory=set)
     runs: int = 0
+    urgent: bool = False
 
-    def request(self, reason: str) -> None:
+    def request(self, reason: str, urgent: bool = False) -> None:
         self.pending.add(reason)
+        self.urgent = self.urgent or urgent
 
     def deadline(self) -> float | None:
         forced = None if self.max_interval is None else ((self.last_run or 0.0) + self.max_interval)
         if not self.pending:
             return forced
-        soon = 0.0 if self.last_run is None else self.last_run + self.min_interval
+        soon = 0.0 if self.last_run is None or self.urgent else self.last_run + self.min_interval
         return soon if forced is None else min(soon, forced)
 
     def maybe_run(self, now: float) -> bool:
@@ -39,6 +43,7 @@ class BoundedRunner:
             return False
         reasons = frozenset(self.pending or {"periodic"})
         self.pending.clear()
+        self.urgent = False
         self.last_run = now
         self.runs += 1
         self.fn(reasons)
@@ -86,3 +91,28 @@ class Scheduler:
 
     def run_due(self, now: float) -> int:
         return sum(1 for t in self.tasks if t.maybe_run(now))
+
+
+@dataclass
+class Deferred:
+    """Runs `fn()` `delay` seconds after the first request since its last run: work that
+    must happen soon, but not on the path of the event that asked for it (the applied
+    plan's file after a tap bind). Requests meanwhile are merged."""
+
+    fn: Callable[[], object]
+    delay: float
+    due: float | None = None
+
+    def request(self, now: float) -> None:
+        if self.due is None:
+            self.due = now + self.delay
+
+    def deadline(self) -> float | None:
+        return self.due
+
+    def maybe_run(self, now: float) -> bool:
+        if self.due is None or now < self.due:
+            return False
+        self.due = None
+        self.fn()
+        return True

@@ -2,11 +2,35 @@
 per-namespace state directory, replaced atomically after every change."""
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 from segguard.plan import Binding, Plan
 
 STATE_NAME = "agent"
+
+
+def _replace(name: str, text: str) -> None:
+    from segguard.flow import state_dir
+
+    d = state_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f"{name}.tmp.{os.getpid()}"
+    tmp.write_text(text)
+    tmp.replace(d / name)
+
+
+def write_applied(plan: Plan) -> None:
+    """flow.record_applied's file (the hook and `status` read it), written compact: the
+    indented form goes through json's pure-Python encoder, seconds for a 1,000-guest
+    plan, and the agent writes it after every change."""
+    _replace("applied.json", json.dumps(plan.to_dict(), separators=(",", ":")) + "\n")
+
+
+def write_agent_state(data: dict[str, Any]) -> None:
+    """flow.write_state(STATE_NAME, data), compact for the same reason."""
+    _replace(f"{STATE_NAME}.json", json.dumps(data, sort_keys=True, default=str, separators=(",", ":")) + "\n")
 
 
 def plan_from_dict(data: dict[str, Any]) -> Plan:
@@ -21,10 +45,13 @@ def snapshot(rec, verify: dict[str, dict[str, Any]], started: float, pid: int, r
     from segguard.agent.reconcile import guest_problems
 
     guests = {}
-    plan = rec.desired
+    # every guest is in sync when the last read-back matched; only otherwise is the
+    # plan compared guest by guest (each comparison walks the whole table)
+    plan = None if rec.in_sync() else rec.desired
+    realized = None if plan is None else rec.realized
     vlan_of = {lp.name: lp.profile.vlan for lp in rec.config.profiles} if rec.config else {}
-    for b in plan.bindings if plan else ():
-        problems = guest_problems(plan, rec.realized, b.guest)
+    for b in rec.bindings:
+        problems = guest_problems(plan, realized, b.guest) if plan is not None else []
         guests[b.guest] = {
             "profile": b.profile, "bridge": b.bridge, "mac": b.mac, "port": b.port, "source": b.source, "mode": b.mode,
             "desired": "bound to " + b.port if b.port else "unbound: MAC dropped on every port",

@@ -10,11 +10,12 @@ guest's MAC is dropped by `legacy_macs` on every port in between.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
 
-from segguard.apply.nftables import Nft, NftablesApplier, _metainfo, diff_objects, normalize, rule_order
+from segguard.apply.nftables import Nft, NftablesApplier, _metainfo, canonical_key, diff_objects, normalize, rule_order
 from segguard.errors import ApplyError
 from segguard.plan import Plan
 
@@ -115,6 +116,12 @@ def element_delta(desired: list[dict[str, Any]], realized: list[dict[str, Any]] 
         return None
     if set(want) != set(ELEMENT_OBJECTS) or set(have) != set(ELEMENT_OBJECTS):
         return None
+    kinds, delete, add = _elem_diff(want, have)
+    return ElementDelta(kinds, tuple(delete), tuple(add), tuple(copy.deepcopy(port_add)),
+                        () if drop_table else port_delete, drop_table)
+
+
+def _elem_diff(want: dict[str, tuple[str, list[Any]]], have: dict[str, tuple[str, list[Any]]]):
     kinds: dict[str, str] = {}
     delete, add = [], []
     for name in ELEMENT_OBJECTS:
@@ -133,8 +140,7 @@ def element_delta(desired: list[dict[str, Any]], realized: list[dict[str, Any]] 
             new = [wk[k] for k in sorted(wk) if k not in hk]
         delete.append((name, tuple(gone)))
         add.append((name, tuple(new)))
-    return ElementDelta(kinds, tuple(delete), tuple(add), tuple(copy.deepcopy(port_add)),
-                        () if drop_table else port_delete, drop_table)
+    return kinds, delete, add
 
 
 def delta_batch(table: str, delta: ElementDelta) -> dict[str, Any]:
@@ -164,3 +170,155 @@ def apply_delta(plan: Plan, delta: ElementDelta, nft: Nft | None = None) -> None
         d = diff_objects(list(plan.nft), after)
         raise ApplyError("read-back of table bridge %s differs from the plan after element updates" % plan.table,
                          batch=batch, details=d.describe())
+
+
+# ---- one guest's binding, without the whole table ------------------------------------
+#
+# A tap appearing or going changes only the dispatch elements of its port and the
+# port's netdev chain. The reconciler compiles just the guests whose binding changed
+# (before and after, the same sub-config), diffs those two small slices, sends the
+# delta, and reads back only the three dispatch objects and the touched netdev chains:
+# neither the compile nor the read-back grows with the number of guests configured.
+
+@dataclass
+class LiveElements:
+    """What the kernel holds in the objects a binding changes: every element of the
+    three dispatch objects (by canonical key) and every netdev port chain (its objects
+    in order). Kept next to the last full plan, so that plan need not be rebuilt per tap."""
+
+    kind: dict[str, str]
+    elems: dict[str, dict[str, Any]]          # object -> canonical key -> element
+    netdev: dict[str, list[dict[str, Any]]]   # chain -> [chain, rules...]
+
+    @classmethod
+    def of(cls, objects: list[dict[str, Any]] | tuple[dict[str, Any], ...]) -> "LiveElements":
+        kind: dict[str, str] = {}
+        elems: dict[str, dict[str, Any]] = {}
+        netdev: dict[str, list[dict[str, Any]]] = {}
+        for obj in objects:
+            k, body = next(iter(obj.items()))
+            if body.get("family") == "netdev":
+                if k in ("chain", "rule"):
+                    netdev.setdefault(body["name"] if k == "chain" else body["chain"], []).append(obj)
+            elif k in ("set", "map") and body.get("name") in ELEMENT_OBJECTS:
+                kind[body["name"]] = k
+                elems[body["name"]] = {_elem_key(k, e): e for e in body.get("elem", [])}
+        return cls(kind, elems, netdev)
+
+    def apply(self, delta: ElementDelta) -> None:
+        for name, gone in delta.delete:
+            for e in gone:  # a map's deletes are bare keys
+                self.elems[name].pop(_key(e), None)
+        for name, new in delta.add:
+            for e in new:
+                self.elems[name][_elem_key(self.kind[name], e)] = e
+        for c in delta.port_chains_delete:
+            self.netdev.pop(c, None)
+        if delta.delete_port_table:
+            self.netdev.clear()
+        for o in delta.port_chains_add:
+            k, body = next(iter(o.items()))
+            if k == "chain":
+                self.netdev[body["name"]] = [o]
+            elif k == "rule":
+                self.netdev[body["chain"]].append(o)
+
+    def objects(self, base: tuple[dict[str, Any], ...], table: str) -> list[dict[str, Any]]:
+        """`base` (a full plan's objects) with these dispatch elements and port chains."""
+        out = []
+        for obj in base:
+            k, body = next(iter(obj.items()))
+            if body.get("family") == "netdev":
+                continue
+            if k in ("set", "map") and body.get("name") in ELEMENT_OBJECTS:
+                body = {x: y for x, y in body.items() if x != "elem"}
+                elems = list(self.elems[body["name"]].values())
+                if elems:
+                    body["elem"] = elems
+                obj = {k: body}
+            out.append(obj)
+        if self.netdev:
+            out.append({"table": {"family": "netdev", "name": table}})
+            for objs in self.netdev.values():
+                out += objs
+        return out
+
+
+def _elem_key(kind: str, e: Any) -> str:
+    return _key(e[0]) if kind == "map" else _key(e)
+
+
+def rebind_delta(before: list[dict[str, Any]], after: list[dict[str, Any]], live: LiveElements) -> ElementDelta | None:
+    """The delta between two slices compiled from the same sub-config (only the guests
+    whose binding changed), or None if they differ in more than elements. The netdev
+    table is the whole host's: it goes only when no port chain is left anywhere, and
+    `add table` of one that exists is a no-op."""
+    # both slices come from one compiler run's inputs but the bindings: everything but
+    # the elements and port chains is expected identical, so plain equality (no
+    # canonical form) decides, and only the elements are diffed
+    before_rest, have = _split([o for o in before if _family(o) != "netdev"])
+    after_rest, want = _split([o for o in after if _family(o) != "netdev"])
+    if before_rest != after_rest or set(want) != set(ELEMENT_OBJECTS) or set(have) != set(ELEMENT_OBJECTS):
+        return None
+    kinds, delete, add = _elem_diff(want, have)
+
+    def chains(objs):
+        return {o["chain"]["name"] for o in objs if _family(o) == "netdev" and "chain" in o}
+
+    def group(objs):
+        g: dict[str, list[dict[str, Any]]] = {}
+        for o in objs:
+            k, body = next(iter(o.items()))
+            if _family(o) == "netdev" and k in ("chain", "rule"):
+                g.setdefault(body["name"] if k == "chain" else body["chain"], []).append(o)
+        return g
+
+    gb, ga = group(before), group(after)
+    if any(gb[c] != ga[c] for c in set(gb) & set(ga)):
+        return None
+    new_chains = sorted(set(ga) - set(gb))
+    port_add = [o for c in new_chains for o in ga[c]]
+    if port_add:
+        port_add = [{"table": {"family": "netdev", "name": next(iter(port_add[0].values()))["table"]}}, *port_add]
+    d = ElementDelta(kinds, tuple(delete), tuple(add), tuple(copy.deepcopy(port_add)))
+    gone = tuple(sorted(chains(before) - chains(after)))
+    remaining = (set(live.netdev) - set(gone)) | chains(d.port_chains_add)
+    drop = bool(live.netdev) and not remaining
+    return dataclasses.replace(d, port_chains_delete=gone, delete_port_table=drop)
+
+
+def read_back_elements(nft: Nft, table: str, live: LiveElements, delta: ElementDelta) -> list[str]:
+    """Compare the dispatch objects and the port chains `delta` touched with `live`
+    (which already has `delta` applied). Returns what differs ([] when exact). Reads
+    three small objects and a chain per touched port, not the table."""
+    problems: list[str] = []
+    for name, kind in live.kind.items():
+        rc, out, err = nft.raw({"nftables": [{"list": {kind: {"family": "bridge", "table": table, "name": name}}}]})
+        if rc != 0:
+            problems.append(f"{kind} {name}: cannot list: {err.strip()}")
+            continue
+        data = out if isinstance(out, dict) else json.loads(out)
+        body = next((o[kind] for o in data.get("nftables", []) if kind in o), {})
+        have = {_elem_key(kind, e) for e in body.get("elem", [])}
+        want = set(live.elems[name])
+        problems += [f"{kind} {name}: missing {k}" for k in sorted(want - have)[:5]]
+        problems += [f"{kind} {name}: unexpected {k}" for k in sorted(have - want)[:5]]
+        if kind == "map":
+            got = {_key(e[0]): _key(e) for e in body.get("elem", [])}
+            problems += [f"map {name}: {k} has another verdict" for k in sorted(want & have) if got[k] != _key(live.elems[name][k])][:5]
+    added = [next(iter(o.values()))["name"] for o in delta.port_chains_add if "chain" in o]
+    for chain in added + list(delta.port_chains_delete):
+        rc, out, err = nft.raw({"nftables": [{"list": {"chain": {"family": "netdev", "table": table, "name": chain}}}]})
+        if chain not in live.netdev:
+            if rc == 0:
+                problems.append(f"netdev chain {chain}: still present")
+            continue
+        if rc != 0:
+            problems.append(f"netdev chain {chain}: cannot list: {err.strip()}")
+            continue
+        data = out if isinstance(out, dict) else json.loads(out)
+        have = [o for o in data.get("nftables", []) if "metainfo" not in o]
+        want = live.netdev[chain]
+        if sorted(canonical_key(o) for o in have) != sorted(canonical_key(o) for o in want) or rule_order(have) != rule_order(want):
+            problems.append(f"netdev chain {chain}: differs from the plan")
+    return problems

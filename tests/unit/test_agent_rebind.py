@@ -1,0 +1,62 @@
+"""The agent's one-binding road, pure: a slice compiled for the changed guest only gives
+the same element delta and the same resulting table as the whole-plan compile; the
+nftables monitor tells our own commits from foreign ones by NEWGEN's pid."""
+from __future__ import annotations
+
+import dataclasses
+import struct
+
+from segguard.agent.events import newgen_pids
+from segguard.apply.incremental import LiveElements, rebind_delta
+from segguard.apply.nftables import Fingerprint
+from segguard.compile import compile_plan
+from segguard.compile.nft import compile_nft
+from segguard.config.validate import load_config
+from tests.unit.test_agent_reconcile import facts
+from tests.unit.test_compile import LAB
+from segguard.host import PortFact
+
+
+def _sub(config, guest):
+    profs = []
+    for lp in config.profiles:
+        mine = [g for g in lp.profile.guests if g.name == guest]
+        if mine:
+            profs.append(dataclasses.replace(lp, profile=lp.profile.model_copy(update={"guests": mine})))
+    return dataclasses.replace(config, profiles=tuple(profs))
+
+
+def test_slice_delta_turns_the_whole_plan_into_the_next_one():
+    config = load_config(LAB)
+    f0, f1 = facts(), facts(PortFact("vnet8", "fe:54:00:aa:00:02"))
+    p0, p1 = compile_plan(config, f0), compile_plan(config, f1)
+    g = "scada-line4-srv"
+    sub = _sub(config, g)
+    before = compile_nft(sub, f0, [p0.binding(g)], p0.stateful, p0.table)
+    after = compile_nft(sub, f1, [p1.binding(g)], p1.stateful, p1.table)
+    live = LiveElements.of(p0.nft)
+    d = rebind_delta(before, after, live)
+    assert d is not None and not d.empty
+    assert [c for c in d.port_chains_add if "chain" in c][0]["chain"]["name"] == "in_vnet8"
+    live.apply(d)
+    assert Fingerprint.of(live.objects(p0.nft, p0.table)) == Fingerprint.of(list(p1.nft))
+    # and back: the port chain goes, the netdev table only if no other chain is left
+    back = rebind_delta(after, before, live)
+    live.apply(back)
+    assert back.port_chains_delete == ("in_vnet8",)
+    assert Fingerprint.of(live.objects(p0.nft, p0.table)) == Fingerprint.of(list(p0.nft))
+
+
+def _newgen(pid: int | None) -> bytes:
+    attrs = struct.pack("=HHI", 8, 1, 0)  # NFTA_GEN_ID
+    if pid is not None:
+        attrs += struct.pack("=HH", 8, 2) + struct.pack(">I", pid)
+    body = struct.pack("=BBH", 0, 0, 0) + attrs
+    return struct.pack("=IHHII", 16 + len(body), (10 << 8) | 15, 0, 0, 0) + body
+
+
+def test_newgen_names_the_committing_pid_and_other_messages_are_skipped():
+    newrule = struct.pack("=IHHII", 20, (10 << 8) | 6, 0, 0, 0) + b"\0" * 4
+    assert newgen_pids(newrule + _newgen(4242)) == [4242]
+    assert newgen_pids(_newgen(None)) == [None]
+    assert newgen_pids(newrule) == []
