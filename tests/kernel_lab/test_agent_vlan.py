@@ -12,12 +12,12 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from segguard.lab import netns as nl
+from tests import helpers
 
 pytestmark = pytest.mark.kernel_lab
 REPO = Path(__file__).resolve().parents[2]
@@ -53,13 +53,7 @@ def sh(*cmd: str, ns: str | None = None, check: bool = True) -> subprocess.Compl
 
 
 def wait_for(pred, what: str, timeout: float = SLOW, every: float = 1.0, diag=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}\n{diag()}")
+    return helpers.wait_for(pred, what, timeout, every, diag)
 
 
 def _expand(vlans: list[dict]):
@@ -130,21 +124,10 @@ class Lab:
                 self.proc.wait()
 
     def agent_state(self) -> dict | None:
-        for d in self.state.glob("netns-*"):
-            try:
-                return json.loads((d / "agent.json").read_text())
-            except (OSError, ValueError):
-                return None
-        return None
+        return helpers.agent_state(self.state)
 
     def logs(self) -> list[dict]:
-        out = []
-        for line in self.logpath.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-        return out
+        return helpers.json_lines(self.logpath)
 
     def tail(self) -> str:
         return "--- agent log\n" + "\n".join(self.logpath.read_text().splitlines()[-30:]) if self.logpath.exists() else ""

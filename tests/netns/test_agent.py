@@ -18,6 +18,7 @@ import pytest
 from segguard.lab import netns as nl
 from segguard.verify.lab import LAB_CONFIG
 from segguard.verify.probes import Probe, ProbeSession, _Worker, build_frame, new_marker
+from tests.helpers import agent_state, json_lines, nsrun, wait_for
 
 pytestmark = pytest.mark.netns
 PY = sys.executable
@@ -39,21 +40,6 @@ egress:
 default: deny
 mode: enforce
 """
-
-
-def wait_for(pred, what: str, timeout: float = 20.0, every: float = 0.05):
-    """Polls for a state; the timeout only bounds a hang, it is not what is tested."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def nsrun(ns: str, *cmd: str, check: bool = False, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True, check=check, timeout=120, **kw)
 
 
 def live_table(ns: str) -> list[dict] | None:
@@ -92,21 +78,10 @@ class AgentProc:
         return self.proc.pid if self.proc else None
 
     def state_json(self) -> dict | None:
-        for d in self.state.glob("netns-*"):
-            try:
-                return json.loads((d / "agent.json").read_text())
-            except (OSError, ValueError):
-                return None
-        return None
+        return agent_state(self.state)
 
     def logs(self) -> list[dict]:
-        out = []
-        for line in self.logpath.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-        return out
+        return json_lines(self.logpath)
 
     def metrics(self) -> str:
         code = f"import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:{self.port}/metrics').read().decode())"

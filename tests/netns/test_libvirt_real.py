@@ -24,7 +24,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +34,8 @@ from segguard.lab import netns as nl
 from segguard.lab.topology import Lab
 from segguard.verify.lab import LAB_CONFIG
 from segguard.verify.probes import Probe, ProbeSession, new_marker
+from tests import helpers
+from tests.helpers import wait_for
 from tests.libvirt_vm import render_domain
 from tests.libvirt_vm.daemon import LibvirtError, PrivateLibvirt, ensure_installed
 from tests.libvirt_vm.initramfs import build as build_initramfs
@@ -93,20 +94,8 @@ def lab_prefix() -> str:
     return unique_prefix("sgr")
 
 
-def wait_for(pred, what: str, timeout: float, every: float = 0.1):
-    """Bounds a hang; the time taken is not what is tested."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def nsrun(ns: str, *cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True, check=check,
-                          timeout=60, **kw)
+    return helpers.nsrun(ns, *cmd, check=check, timeout=60, **kw)
 
 
 # --------------------------------------------------------------------------- far-end observers
