@@ -25,6 +25,9 @@ class Binding:
     ipv4: tuple[str, ...]
     ipv6: tuple[str, ...]
     mode: str  # enforce | audit
+    # the (from the guest, to the guest) chains its port dispatches to: its kind of
+    # profile's chains (compile/nft.py class_chains), known even while it is unbound
+    chains: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from segguard.apply.incremental import (ELEMENT_OBJECTS, LiveElements, apply_del
                                         read_back_elements, rebind_delta)
 from segguard.apply.nftables import Fingerprint, NftablesApplier, diff_objects, normalize, rule_order
 from segguard.compile import compile_plan
-from segguard.compile.nft import ident
+from segguard.compile.nft import ident, reachable
 from segguard.config.validate import Config, load_config
 from segguard.errors import ConfigError, SegguardError
 from segguard.host import BridgeFact, HostFacts, PortFact
@@ -145,16 +145,40 @@ def _membership_filter(name: str, elems: list[Any], b: Binding) -> list[Any]:
         return [e for e in elems if e == b.mac]
     if name == "bound_ports":
         return [e for e in elems if isinstance(e, dict) and (e["concat"][0] == b.mac or (b.port and e["concat"][1] == b.port))]
-    return [e for e in elems if b.port and e[0] == b.port]
+    if not b.port:
+        return []
+    # maps: [port, verdict]; port-keyed sets: {"concat": [port, ...]}
+    return [e for e in elems if (e["concat"][0] if isinstance(e, dict) else e[0]) == b.port]
 
 
-def guest_view(objects: list[dict[str, Any]], b: Binding) -> list[dict[str, Any]]:
-    """What of the table concerns guest `b`: its own chains, its profile's chains and
-    peer sets, the shared sets and base chains, and exactly its elements of the
-    membership sets (its MAC, its port)."""
-    chains = {f"out_{ident(b.guest)}", f"nd_{ident(b.guest)}", f"pout_{ident(b.profile)}", f"pin_{ident(b.profile)}", *BASE_CHAINS}
-    peer_prefix = f"p_{ident(b.profile)}_"
+def _class_chain_names(objects: list[dict[str, Any]], b: Binding) -> set[str]:
+    """The chains this guest's port is dispatched to: its profile's kind of chains
+    (known even while it is unbound), and whatever the dispatch maps say for its port."""
+    out = set(b.chains)
+    for obj in objects:
+        body = obj.get("map")
+        if body and body.get("name") in ("out_dispatch", "in_dispatch") and b.port:
+            out |= {e[1]["goto"]["target"] for e in body.get("elem", []) if e[0] == b.port and "goto" in e[1]}
+    return out
+
+
+def guest_scope(objects: list[dict[str, Any]], b: Binding) -> tuple[set[str], set[str]]:
+    """The chains and sets guest `b`'s frames can meet in `objects`."""
+    own_nd = f"nd_{ident(b.guest)}"
+    # (not traversed from the base chains: their dispatch maps name every port's chains)
+    chains, used = reachable(objects, {own_nd, *_class_chain_names(objects, b)})
+    # nd_dispatch names every IPv6 guest's ND chain; only its own is this guest's
+    return {c for c in chains if not c.startswith("nd_") or c == own_nd} | set(BASE_CHAINS), used
+
+
+def guest_view(objects: list[dict[str, Any]], b: Binding, scope: tuple[set[str], set[str]] | None = None) -> list[dict[str, Any]]:
+    """What of the table concerns guest `b`: the chains its frames can reach from its
+    port's chains (its ND chain, its kind of profile's chains and the common chains
+    they jump to), the shared sets they use, the base chains, and exactly its
+    elements of the port-keyed sets and maps (its MAC, its port)."""
     import re
+
+    chains, used = scope or guest_scope(objects, b)
 
     port_chain = "in_" + re.sub(r"[^A-Za-z0-9_]", "_", b.port) if b.port else None
     out = []
@@ -179,7 +203,7 @@ def guest_view(objects: list[dict[str, Any]], b: Binding) -> list[dict[str, Any]
                 if elems:
                     body["elem"] = elems
                 out.append({kind: body})
-            elif name in SHARED_SETS or name.startswith(peer_prefix):
+            elif name in SHARED_SETS or name in used:
                 out.append(obj)
     return out
 
@@ -191,7 +215,10 @@ def guest_problems(plan: Plan, realized: list[dict[str, Any]] | None, guest: str
         return [f"guest {guest} is not in the plan"]
     if realized is None:
         return [f"table bridge {plan.table} is not loaded"]
-    want, have = guest_view(list(plan.nft), b), guest_view(realized, b)
+    # what the plan says the guest depends on, looked up on both sides: a chain
+    # emptied by hand then shows as its missing rules, not as what it no longer jumps to
+    scope = guest_scope(list(plan.nft), b)
+    want, have = guest_view(list(plan.nft), b, scope), guest_view(realized, b, scope)
     d = diff_objects(want, have)
     problems = d.describe(limit=10)
     if not problems and rule_order(want) != rule_order(have):
@@ -347,9 +374,10 @@ class Reconciler:
         if self._base is None or kind == "table-deleted":
             return None
         hit = []
+        objects = list(self._base.nft)
         for b in self.bindings:
-            names = {f"out_{ident(b.guest)}", f"nd_{ident(b.guest)}", f"pout_{ident(b.profile)}", f"pin_{ident(b.profile)}"}
-            if any(detail.endswith(" " + n) for n in names) or detail.startswith(f"set p_{ident(b.profile)}_"):
+            names = {f"nd_{ident(b.guest)}", *_class_chain_names(objects, b)}
+            if any(detail.endswith(" " + n) for n in names):
                 hit.append(b.guest)
         return hit or None  # base chains, shared sets: every guest
 

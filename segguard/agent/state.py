@@ -35,7 +35,8 @@ def write_agent_state(data: dict[str, Any]) -> None:
 
 def plan_from_dict(data: dict[str, Any]) -> Plan:
     return Plan(table=data.get("table", "segguard"), stateful=bool(data.get("stateful", False)),
-                bindings=tuple(Binding(**{**b, "ipv4": tuple(b.get("ipv4", ())), "ipv6": tuple(b.get("ipv6", ()))})
+                bindings=tuple(Binding(**{**b, "ipv4": tuple(b.get("ipv4", ())), "ipv6": tuple(b.get("ipv6", ())),
+                                           "chains": tuple(b.get("chains", ()))})
                                for b in data.get("bindings", [])),
                 nft=tuple(data.get("nft", [])), warnings=tuple(data.get("warnings", [])))
 

@@ -12,15 +12,20 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from segguard.apply.nftables import Nft, NftablesApplier, _metainfo, canonical_key, diff_objects, normalize, rule_order
 from segguard.errors import ApplyError
+from segguard.compile.policy import port_set_types
 from segguard.plan import Plan
 
-# The only objects whose elements change when a tap appears or goes away.
-ELEMENT_OBJECTS = ("out_dispatch", "in_dispatch", "bound_ports")
+# The objects whose elements change when a tap appears or goes away, or a profile's
+# rules change: everything keyed by port (compile/policy.py). A stateful table has no
+# reply sets; `_split` takes the ones a plan holds.
+ELEMENT_OBJECTS = ("legacy_macs", "audit_macs", "out_dispatch", "in_dispatch", "nd_dispatch", "bound_ports",
+                   *port_set_types(stateful=False))
 
 
 def _key(value: Any) -> str:
@@ -114,7 +119,7 @@ def element_delta(desired: list[dict[str, Any]], realized: list[dict[str, Any]] 
     have_rest, have = _split(realized)
     if not diff_objects(want_rest, have_rest).empty or rule_order(want_rest) != rule_order(have_rest):
         return None
-    if set(want) != set(ELEMENT_OBJECTS) or set(have) != set(ELEMENT_OBJECTS):
+    if set(want) != set(have) or not want:
         return None
     kinds, delete, add = _elem_diff(want, have)
     return ElementDelta(kinds, tuple(delete), tuple(add), tuple(copy.deepcopy(port_add)),
@@ -124,7 +129,7 @@ def element_delta(desired: list[dict[str, Any]], realized: list[dict[str, Any]] 
 def _elem_diff(want: dict[str, tuple[str, list[Any]]], have: dict[str, tuple[str, list[Any]]]):
     kinds: dict[str, str] = {}
     delete, add = [], []
-    for name in ELEMENT_OBJECTS:
+    for name in sorted(want):
         kind, w = want[name]
         _, h = have[name]
         kinds[name] = kind
@@ -258,7 +263,7 @@ def rebind_delta(before: list[dict[str, Any]], after: list[dict[str, Any]], live
     # canonical form) decides, and only the elements are diffed
     before_rest, have = _split([o for o in before if _family(o) != "netdev"])
     after_rest, want = _split([o for o in after if _family(o) != "netdev"])
-    if before_rest != after_rest or set(want) != set(ELEMENT_OBJECTS) or set(have) != set(ELEMENT_OBJECTS):
+    if before_rest != after_rest or set(want) != set(have) or not want:
         return None
     kinds, delete, add = _elem_diff(want, have)
 
@@ -290,9 +295,16 @@ def rebind_delta(before: list[dict[str, Any]], after: list[dict[str, Any]], live
 def read_back_elements(nft: Nft, table: str, live: LiveElements, delta: ElementDelta) -> list[str]:
     """Compare the dispatch objects and the port chains `delta` touched with `live`
     (which already has `delta` applied). Returns what differs ([] when exact). Reads
-    three small objects and a chain per touched port, not the table."""
+    the objects the transaction wrote and a chain per touched port, not the table."""
     problems: list[str] = []
+    touched = {name for name, elems in (*delta.delete, *delta.add) if elems}
     for name, kind in live.kind.items():
+        if name not in touched:
+            continue  # not written by this transaction (whole-table drift checks cover it)
+        found = _point_lookups(nft, table, name, kind, delta)
+        if found is not None:
+            problems += found
+            continue
         rc, out, err = nft.raw({"nftables": [{"list": {kind: {"family": "bridge", "table": table, "name": name}}}]})
         if rc != 0:
             problems.append(f"{kind} {name}: cannot list: {err.strip()}")
@@ -321,4 +333,100 @@ def read_back_elements(nft: Nft, table: str, live: LiveElements, delta: ElementD
         want = live.netdev[chain]
         if sorted(canonical_key(o) for o in have) != sorted(canonical_key(o) for o in want) or rule_order(have) != rule_order(want):
             problems.append(f"netdev chain {chain}: differs from the plan")
+    return problems
+
+
+# ---- read-back of single elements ------------------------------------------------------
+#
+# The port-keyed sets are fleet-wide: listing one to check the 30 elements a tap added
+# costs as much as the fleet is big (0.25 s for a set of 10,000 elements). The kernel
+# answers `get element` with the element that holds a key, so each added element is
+# asked for and must come back exactly as written, and each deleted one must be gone
+# (nothing, or another element, holds its key): the read-back of a delta then costs as
+# much as the delta.
+
+def _key_types(name: str) -> list[str] | None:
+    if name in ("out_dispatch", "in_dispatch", "nd_dispatch"):
+        return ["ifname"]
+    if name == "bound_ports":
+        return ["ether_addr", "ifname"]
+    if name in ("legacy_macs", "audit_macs"):
+        return ["ether_addr"]
+    types = port_set_types(stateful=False).get(name)
+    return types[0] if types else None
+
+
+_SAFE = re.compile(r"^[A-Za-z0-9_.:/-]+$")
+
+
+def _text_value(value: Any, type_: str) -> str | None:
+    """One element component as nft prints it; None if it is not a shape we render."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        text = str(value)
+    elif isinstance(value, str):
+        text = value
+    elif isinstance(value, dict) and set(value) == {"prefix"}:
+        text = f'{value["prefix"]["addr"]}/{value["prefix"]["len"]}'
+    elif isinstance(value, dict) and set(value) == {"range"}:
+        text = f"{value['range'][0]}-{value['range'][1]}"
+    else:
+        return None
+    if not _SAFE.match(text):
+        return None  # never put anything but plain names, addresses and numbers in a command
+    return f'"{text}"' if type_ == "ifname" else text
+
+
+def _text_elem(name: str, kind: str, elem: Any, key_only: bool = False) -> str | None:
+    types = _key_types(name)
+    if types is None:
+        return None
+    key, verdict = (elem[0], elem[1]) if kind == "map" and not key_only else (elem, None)
+    if kind == "map" and key_only:
+        key = elem
+    parts = key["concat"] if isinstance(key, dict) and "concat" in key else [key]
+    if len(parts) != len(types):
+        return None
+    rendered = [_text_value(v, t) for v, t in zip(parts, types)]
+    if any(r is None for r in rendered):
+        return None
+    text = " . ".join(rendered)
+    if verdict is not None:
+        (verb, arg), = verdict.items()
+        if verb not in ("goto", "jump") or not _SAFE.match(arg["target"]):
+            return None
+        text += f" : {verb} {arg['target']}"
+    return text
+
+
+def _returned(out: str) -> set[str]:
+    """The elements of a `get element` answer, as printed."""
+    m = re.search(r"elements = \{(.*?)\}\s*\}", out, re.S)
+    return {" ".join(e.split()) for e in m.group(1).split(",")} if m else set()
+
+
+def _point_lookups(nft: Nft, table: str, name: str, kind: str, delta: ElementDelta) -> list[str] | None:
+    """Problems found by asking for each element `delta` wrote to `name`; None when an
+    element is not one we can render (the caller lists the set instead)."""
+    added = [e for n, elems in delta.add if n == name for e in elems]
+    gone = [e for n, elems in delta.delete if n == name for e in elems]
+    add_text = [_text_elem(name, kind, e) for e in added]
+    gone_text = [_text_elem(name, kind, e, key_only=True) for e in gone]
+    if any(t is None for t in add_text + gone_text):
+        return None
+    problems: list[str] = []
+    where = f"get element bridge {table} {name}"
+    if add_text:
+        rc, out, err = nft.lookup(f"{where} {{ {', '.join(add_text)} }}")
+        have = _returned(out) if rc == 0 else set()
+        # a key whose verdict changed was deleted and added: the added form wins
+        problems += [f"{kind} {name}: missing {t}" for t in add_text if t not in have][:5]
+    re_added = {t.split(" : ")[0] for t in add_text}
+    for t in gone_text:
+        if t in re_added:
+            continue
+        rc, out, _ = nft.lookup(f"{where} {{ {t} }}")
+        if rc == 0 and any(r == t or r.split(" : ")[0] == t for r in _returned(out)):
+            problems.append(f"{kind} {name}: still holds {t}")
     return problems

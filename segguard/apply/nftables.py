@@ -38,6 +38,13 @@ class Nft:
         # a 1,000-guest table cost a tenth of the apply
         return self._nft.json_cmd(batch)
 
+    def lookup(self, command: str) -> tuple[int, str, str]:
+        """A read-only `get element` (libnftables 1.0's JSON parser has no `get`): the
+        one text command segguard sends, built by apply/incremental.py from validated
+        values only. Writes always go through JSON."""
+        assert command.startswith("get element "), command
+        return self._nft.cmd(command)
+
     def run(self, batch: dict[str, Any], what: str) -> dict[str, Any]:
         rc, out, err = self.raw(batch)
         if rc != 0:
@@ -220,7 +227,7 @@ class NftablesApplier:
         current = self.realized(plan.table)
         if current is not None and Fingerprint.of(current) == want:
             return False
-        batch = replace_batch(plan)
+        batch = self._element_batch(plan, current) or replace_batch(plan)
         self.nft.run(batch, "the segguard table")
         after = self.realized(plan.table)
         if after is None or Fingerprint.of(after) != want:
@@ -229,6 +236,16 @@ class NftablesApplier:
             raise ApplyError("read-back of table bridge %s differs from the plan" % plan.table,
                              batch=batch, details=details)
         return True
+
+    @staticmethod
+    def _element_batch(plan: Plan, current: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+        """When the live table differs from the plan only in port-keyed elements (a tap,
+        a profile's allow rules, a guest's addresses), the transaction that changes just
+        those; the rules stay as they are. None: the full replace is needed."""
+        from segguard.apply.incremental import delta_batch, element_delta
+
+        delta = element_delta(list(plan.nft), current)
+        return delta_batch(plan.table, delta) if delta is not None and not delta.empty else None
 
     def same(self, plan: Plan, realized: list[dict[str, Any]] | None) -> bool:
         return realized is not None and Fingerprint.of(realized) == Fingerprint.of(list(plan.nft))

@@ -3,6 +3,7 @@ else libvirt's tap MAC convention (host side = guest MAC with first octet fe).
 An unbound guest is still enforced: its MAC is dropped on every port (fail closed)."""
 from __future__ import annotations
 
+from segguard.compile.nft import class_chains
 from segguard.config.validate import Config
 from segguard.host import HostFacts
 from segguard.plan import Binding
@@ -39,6 +40,7 @@ def bind_guests(config: Config, facts: HostFacts) -> tuple[list[Binding], list[s
         bindings.append(Binding(
             profile=prof.name, guest=guest.name, mac=guest.mac, bridge=prof.bridge, port=port, source=source,
             ipv4=tuple(str(a) for a in guest.ipv4), ipv6=tuple(str(a) for a in guest.ipv6), mode=prof.mode,
+            chains=class_chains(prof),
         ))
     # Two guests resolved to one port (an explicit port that libvirt reports for another
     # guest's MAC, say): neither can be trusted to own it, so both stay unbound and

@@ -26,6 +26,7 @@ from segguard.compile import fragments as f
 from segguard.config.schema import AD_PORTS
 from segguard.config.validate import Config, LoadedProfile, ResolvedRule
 from segguard.host import HostFacts
+from segguard.compile.policy import PortPolicy, port_elements, port_set_types
 from segguard.plan import Binding
 
 PRIO = -190  # just after bridge conntrack (-200), so `ct state` is valid in every chain
@@ -129,22 +130,35 @@ def compile_nft(config: Config, facts: HostFacts, bindings: list[Binding], state
     by_mode = {m: sorted({b.mac for b in bindings if b.mode == m}) for m in ("enforce", "audit")}
     legacy = t.set("legacy_macs", "ether_addr", by_mode["enforce"])
     audited = t.set("audit_macs", "ether_addr", by_mode["audit"])
+    ported = sorted((b for b in bindings if b.port), key=lambda b: b.port)
     bound = t.set("bound_ports", ["ether_addr", "ifname"],
-                  [{"concat": [b.mac, b.port]} for b in sorted(bindings, key=lambda b: (b.mac, b.port or "")) if b.port])
+                  [{"concat": [b.mac, b.port]} for b in sorted(ported, key=lambda b: (b.mac, b.port))])
 
+    # -- what each bound port may do: elements keyed by the port, in sets every guest
+    # shares, so the rules below are the same for 1 guest or 5,000 and binding a tap or
+    # editing a profile changes elements, not rules (compile/policy.py) --------------
     profiles = {lp.name: lp for lp in config.profiles}
-    out_elems = [(b.port, f.goto(f"out_{ident(b.guest)}")) for b in sorted(bindings, key=lambda b: b.port or "") if b.port]
-    in_elems = [(b.port, f.goto(f"pin_{ident(b.profile)}")) for b in sorted(bindings, key=lambda b: b.port or "") if b.port]
-    t.add(f.vmap(table, "out_dispatch", "ifname", out_elems))
-    t.add(f.vmap(table, "in_dispatch", "ifname", in_elems))
+    templates = {name: PortPolicy.of(lp, stateful) for name, lp in profiles.items()}
+    elems = port_elements(ported, templates)
+    for name, (type_, interval) in port_set_types(stateful).items():
+        t.set(name, type_, elems.get(name, []), interval)
+    t.add(f.vmap(table, "out_dispatch", "ifname", [(b.port, f.goto(class_chains(profiles[b.profile].profile)[0])) for b in ported]))
+    t.add(f.vmap(table, "in_dispatch", "ifname", [(b.port, f.goto(class_chains(profiles[b.profile].profile)[1])) for b in ported]))
+    t.add(f.vmap(table, "nd_dispatch", "ifname", [(b.port, f.jump(f"nd_{ident(b.guest)}")) for b in ported if b.ipv6]))
 
-    # -- per-profile policy chains ---------------------------------------------------
+    # -- one pair of chains per kind of profile (block, default; audit: per profile) --
     shared = _Shared(t, sets, ad_ports, stateful)
+    made: set[str] = set()
     for name in sorted(profiles):
-        _profile_chains(t, profiles[name], shared, stateful)
-    # -- per-guest identity chains (anti-spoofing), ending in the profile's chain -----
+        prof = profiles[name].profile
+        out_c, in_c = class_chains(prof)
+        if out_c not in made:
+            made.update((out_c, in_c))
+            _class_chains(t, prof, out_c, in_c, shared, stateful)
+    # -- IPv6 neighbour advertisements: the ND target of each guest, in its own chain --
     for b in sorted(bindings, key=lambda b: b.guest):
-        _guest_out_chain(t, b, _Verdicts(b.profile, b.mode == "audit"))
+        if b.ipv6:
+            _nd_chain(t, b, _Verdicts(b.profile, b.mode == "audit"))
 
     # -- base chains -------------------------------------------------------------------
     src_port = f.concat(f.payload("ether", "saddr"), f.meta("iifname"))
@@ -159,6 +173,16 @@ def compile_nft(config: Config, facts: HostFacts, bindings: list[Binding], state
         c = t.chain(hook, hook)
         t.rule(c, [f.vmap_lookup(f.meta("oifname"), "in_dispatch")])
     return _order(t.objects + _port_ingress(table, facts, bindings))
+
+
+def class_chains(prof) -> tuple[str, str]:
+    """The (from the guest, to the guest) chains a profile's ports dispatch to. Every
+    enforcing profile with the same block flags and default shares them; an audit
+    profile has its own (its log prefix names it)."""
+    if prof.mode == "audit":
+        return f"a_{ident(prof.name)}_out", f"a_{ident(prof.name)}_in"
+    tag = _Shared._tag(prof.block)
+    return f"gout_{tag}_{prof.default}", f"gin_{tag}_{prof.default}"
 
 
 INGRESS_PRIO = -500
@@ -194,88 +218,51 @@ def _order(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(objects, key=lambda o: rank[next(iter(o))])  # stable: rule order kept
 
 
-def _guest_out_chain(t: _Table, b: Binding, v: _Verdicts) -> None:
-    c = t.chain(f"out_{ident(b.guest)}")
+def _identity(t: _Table, c: str, v: _Verdicts) -> None:
+    """The guest is who its port says: its MAC, its ethertypes, its addresses (sets
+    keyed by port; a port with no element for a family drops that family)."""
+    port = f.meta("iifname")
     eth_type = f.payload("ether", "type")
-    allowed_types = (["ip", "arp"] if b.ipv4 else []) + (["ip6"] if b.ipv6 else [])
-    t.rule(c, [f.match(f.payload("ether", "saddr"), b.mac, "!="), *v.drop("spoofed-mac")], "source MAC is not the guest's")
+    t.rule(c, [f.match(f.concat(f.payload("ether", "saddr"), port), "@bound_ports", "!="), *v.drop("spoofed-mac")],
+           "source MAC is not the guest's")
     # Whitelisting the outer ethertype drops 802.1Q/802.1ad tags (VLAN 0 included),
-    # 802.3 LLC/SNAP frames (their type field is a length) and every other protocol.
+    # 802.3 LLC/SNAP frames (their type field is a length) and every other protocol;
+    # a guest with no addresses has no element and may send nothing.
     # meta protocol is checked too: it is what the stack would act on.
-    if allowed_types:
-        types = t.one_or_set("ethertypes_" + "_".join(allowed_types), "ether_type", allowed_types)
-        t.rule(c, [f.match(eth_type, types, "!="), *v.drop("ethertype")], "only IPv4/ARP/IPv6 as configured; no tags, no LLC")
-        t.rule(c, [f.match(f.meta("protocol"), types, "!="), *v.drop("protocol")])
-    else:
-        t.rule(c, v.drop("no-addresses"), "guest has no addresses: it may send nothing")
-        return
-    if b.ipv4:
-        own4 = t.one_or_set(f"g_{ident(b.guest)}_4", "ipv4_addr", list(b.ipv4))
-        # (a match on an arp/ip/ip6 field implies its ethertype: libnftables adds that
-        # dependency itself and lists the rule without it, so we never write it)
-        t.rule(c, [f.match(f.payload("arp", "saddr ip"), own4, "!="), *v.drop("arp-spoof")], "ARP only for its own IPv4")
-        t.rule(c, [f.match(f.payload("arp", "saddr ether"), b.mac, "!="), *v.drop("arp-spoof")])
-        t.rule(c, [f.match(f.payload("arp", "operation"), t.const("arp_ops", "arp_op", ["request", "reply"]), "!="), *v.drop("arp-op")])
-        t.rule(c, [f.match(eth_type, "arp"), f.ACCEPT])
-        t.rule(c, [f.match(f.payload("ip", "saddr"), own4, "!="), *v.drop("ip-spoof")], "IPv4 source is not the guest's")
-    if b.ipv6:
-        own6 = list(b.ipv6)
-        linklocal = t.const("ip6_linklocal", "ipv6_addr", IP6_LINKLOCAL, interval=True)
-        t.rule(c, [f.match(f.payload("ip6", "saddr"), t.one_or_set(f"g_{ident(b.guest)}_6", "ipv6_addr", own6), "!="),
-                   f.match(f.payload("ip6", "saddr"), linklocal, "!="), *v.drop("ip6-spoof")], "IPv6 source is not the guest's")
-        # A neighbour advertisement for an address that is not its own is the IPv6 form
-        # of ARP spoofing. libnftables has no typed field for the ND target, so it is
-        # compared as four 32-bit words of the ICMPv6 body, in a chain of its own.
-        nd = t.chain(f"nd_{ident(b.guest)}")
-        for addr in own6 + ["fe80::"]:
-            words = netaddr.IPAddress(addr).value
-            parts = [(words >> (96 - 32 * i)) & 0xFFFFFFFF for i in range(4)]
-            if addr == "fe80::":  # any link-local target: fe80::/10
-                t.rule(nd, [f.match(f.bitand(f.raw_payload("th", 64, 16), 0xFFC0), 0xFE80), {"return": None}])
-            else:
-                t.rule(nd, [*(f.match(f.raw_payload("th", 64 + 32 * i, 32), p) for i, p in enumerate(parts)), {"return": None}])
-        t.rule(nd, v.drop("nd-spoof"), "neighbour advertisement for an address that is not the guest's")
-        t.rule(c, [f.match(f.payload("icmpv6", "type"), "nd-neighbor-advert"), f.jump(nd)])
-    t.rule(c, [f.goto(f"pout_{ident(b.profile)}")])
+    t.rule(c, [f.match(f.concat(port, eth_type), "@port_types", "!="), *v.drop("ethertype")],
+           "only IPv4/ARP/IPv6 as configured; no tags, no LLC")
+    t.rule(c, [f.match(f.concat(port, f.meta("protocol")), "@port_types", "!="), *v.drop("protocol")])
+    # (a match on an arp/ip/ip6 field implies its ethertype: libnftables adds that
+    # dependency itself and lists the rule without it, so we never write it)
+    t.rule(c, [f.match(f.concat(port, f.payload("arp", "saddr ip")), "@port_ip4", "!="), *v.drop("arp-spoof")],
+           "ARP only for its own IPv4")
+    t.rule(c, [f.match(f.concat(f.payload("arp", "saddr ether"), port), "@bound_ports", "!="), *v.drop("arp-spoof")])
+    t.rule(c, [f.match(f.payload("arp", "operation"), t.const("arp_ops", "arp_op", ["request", "reply"]), "!="), *v.drop("arp-op")])
+    t.rule(c, [f.match(eth_type, "arp"), f.ACCEPT])
+    t.rule(c, [f.match(f.concat(port, f.payload("ip", "saddr")), "@port_ip4", "!="), *v.drop("ip-spoof")],
+           "IPv4 source is not the guest's")
+    linklocal = t.const("ip6_linklocal", "ipv6_addr", IP6_LINKLOCAL, interval=True)
+    t.rule(c, [f.match(f.concat(port, f.payload("ip6", "saddr")), "@port_ip6", "!="),
+               f.match(f.payload("ip6", "saddr"), linklocal, "!="), *v.drop("ip6-spoof")], "IPv6 source is not the guest's")
+    # every IPv6 port has an nd_dispatch element (the same loop writes both)
+    t.rule(c, [f.match(f.payload("icmpv6", "type"), "nd-neighbor-advert"), f.vmap_lookup(port, "nd_dispatch")],
+           "neighbour advertisements: only for the guest's own addresses")
 
 
-class _Rule:
-    """A profile's allow rule with what the compiler needs of it computed once: its
-    label, its peers per family, their sets and its service match (a 1,000-guest
-    compile asked for each of these many times over)."""
-
-    __slots__ = ("proto", "label", "nets", "peer", "svc")
-
-    def __init__(self, t: _Table, rule: ResolvedRule, peer_cache: dict):
-        self.proto, self.label = rule.proto, rule.label
-        self.nets = {4: f.merged(rule.peers, 4), 6: f.merged(rule.peers, 6)}
-        key = tuple(sorted(map(str, rule.peers)))
-        if key not in peer_cache:
-            # one v4 and one v6 set per distinct peer list, shared by every rule of every
-            # profile naming the same peers (the rule comments say which group it is)
-            peer_cache[key] = {fam: _peer_set(t, fam, nets) if nets else None for fam, nets in self.nets.items()}
-        self.peer = peer_cache[key]
-        self.svc = _service(t, rule)
-
-
-def _service(t: _Table, rule: ResolvedRule) -> Any:
-    """The rule's ports as a match value: one port, one range, or a named set."""
-    if rule.proto == "icmp":
-        return None
-    values = [lo if lo == hi else {"range": [lo, hi]} for lo, hi in rule.ports]
-    return values[0] if len(values) == 1 else t.shared_set("ports", "inet_service", values, interval=True)
-
-
-def _l4(rule: _Rule, port_field: str) -> list[dict[str, Any]]:
-    """L4 match for a rule: the service port on `port_field` (dport on the way there,
-    sport on the way back)."""
-    if rule.proto == "icmp":
-        return []
-    return [f.match(f.payload(rule.proto, port_field), rule.svc)]
-
-
-def _icmp_type(family: int, name4: str, name6: str) -> list[dict[str, Any]]:
-    return [f.match(f.payload("icmp" if family == 4 else "icmpv6", "type"), name4 if family == 4 else name6)]
+def _nd_chain(t: _Table, b: Binding, v: _Verdicts) -> None:
+    """A neighbour advertisement for an address that is not its own is the IPv6 form of
+    ARP spoofing. libnftables 1.0 has no typed field for the ND target (nor a raw
+    payload in a set key), so it is compared as four 32-bit words of the ICMPv6 body,
+    in a chain per IPv6 guest, reached only by advertisements."""
+    nd = t.chain(f"nd_{ident(b.guest)}")
+    for addr in list(b.ipv6) + ["fe80::"]:
+        words = netaddr.IPAddress(addr).value
+        parts = [(words >> (96 - 32 * i)) & 0xFFFFFFFF for i in range(4)]
+        if addr == "fe80::":  # any link-local target: fe80::/10
+            t.rule(nd, [f.match(f.bitand(f.raw_payload("th", 64, 16), 0xFFC0), 0xFE80), {"return": None}])
+        else:
+            t.rule(nd, [*(f.match(f.raw_payload("th", 64 + 32 * i, 32), p) for i, p in enumerate(parts)), {"return": None}])
+    t.rule(nd, v.drop("nd-spoof"), "neighbour advertisement for an address that is not the guest's")
 
 
 class _Shared:
@@ -362,79 +349,53 @@ class _Shared:
         return self._chain("common_out_post_dom" if prof.block.domain else "common_out_post", v, build)
 
 
-def _profile_chains(t: _Table, lp: LoadedProfile, shared: _Shared, stateful: bool) -> None:
-    prof = lp.profile
+def _class_chains(t: _Table, prof, out_c: str, in_c: str, shared: _Shared, stateful: bool) -> None:
+    """The rules every port of this kind of profile meets, in the order the per-profile
+    chains had them: guard rails, fragments, opened flows, AD ports and tunnels,
+    stateless replies, default. Each allow is one lookup of (port, peer, protocol,
+    service) in a set whose elements compile/policy.py writes per port."""
     v = _Verdicts(prof.name, prof.mode == "audit")
-    pid = ident(prof.name)
-    out_c, in_c = t.chain(f"pout_{pid}"), t.chain(f"pin_{pid}")
-    egress = [_Rule(t, r, shared.peer_sets) for r in lp.egress]
-    ingress = [_Rule(t, r, shared.peer_sets) for r in lp.ingress]
-
-    # ------------------------------------------------------------------ guest -> out
-    t.rule(out_c, [f.jump(shared.out_pre(prof, v))], "rogue services, ND/MLD, guard rails")
-    _fragments(t, out_c, egress + ingress, "daddr")
-    t.rule(out_c, [f.jump(shared.fragments(v))])
-    _opened_flows(t, out_c, egress, "daddr", stateful)
-    t.rule(out_c, [f.jump(shared.out_post(prof, v))], "AD ports, tunnels")
-    if not stateful:
-        _stateless_replies(t, out_c, ingress, "daddr")
-    t.rule(out_c, v.drop("default-deny") if prof.default == "deny" else [f.ACCEPT], f"default: {prof.default}")
-
-    # ------------------------------------------------------------------- in -> guest
-    t.rule(in_c, [f.jump(shared.in_pre(prof, v))], "ARP, ND, guard rails")
-    _fragments(t, in_c, egress + ingress, "saddr")
-    t.rule(in_c, [f.jump(shared.fragments(v))])
-    _opened_flows(t, in_c, ingress, "saddr", stateful)
-    if not stateful:
-        _stateless_replies(t, in_c, egress, "saddr")
-    t.rule(in_c, v.drop("default-deny") if prof.default == "deny" else [f.ACCEPT], f"default: {prof.default}")
-
-
-def _opened_flows(t: _Table, c: str, rules: list[_Rule], field: str, stateful: bool) -> None:
-    """Flows this side opens to (or from) a rule's peers, on the rule's service ports."""
+    last = v.drop("default-deny") if prof.default == "deny" else [f.ACCEPT]
     ip = {4: "ip", 6: "ip6"}
-    for r in rules:
-        for family, peer in r.peer.items():
-            if peer is None:
-                continue
-            l4 = _l4(r, "dport") if r.proto != "icmp" else _icmp_type(family, "echo-request", "echo-request")
-            new = [f.ct_state("new")] if stateful else []
-            t.rule(c, [f.match(f.payload(ip[family], field), peer), *l4, *new, f.ACCEPT], r.label)
+    icmp = {4: "icmp", 6: "icmpv6"}
+    for c, d, port, field in ((out_c, "out", f.meta("iifname"), "daddr"), (in_c, "in", f.meta("oifname"), "saddr")):
+        t.chain(c)
+        if d == "out":
+            _identity(t, c, v)
+            t.rule(c, [f.jump(shared.out_pre(prof, v))], "rogue services, ND/MLD, guard rails")
+        else:
+            t.rule(c, [f.jump(shared.in_pre(prof, v))], "ARP, ND, guard rails")
 
+        def key(fam: int, *rest: Any) -> dict[str, Any]:
+            return f.concat(port, f.payload(ip[fam], field), *rest)
 
-def _stateless_replies(t: _Table, c: str, rules: list[_Rule], field: str) -> None:
-    """Without conntrack: replies to the flows the other side opened, only to/from that
-    rule's peers and only from its service port; for TCP only with ACK set, so a bare
-    SYN from the service port (a new flow) is not a reply."""
-    ip = {4: "ip", 6: "ip6"}
-    for r in rules:
-        for family, peer in r.peer.items():
-            if peer is None:
-                continue
-            who = f.match(f.payload(ip[family], field), peer)
-            if r.proto == "tcp":
-                t.rule(c, [who, *_l4(r, "sport"), f.match(f.bitand(f.payload("tcp", "flags"), "ack"), "ack"), f.ACCEPT], "reply: " + r.label)
-            elif r.proto == "udp":
-                t.rule(c, [who, *_l4(r, "sport"), f.ACCEPT], "reply: " + r.label)
-            else:
-                t.rule(c, [who, *_icmp_type(family, "echo-reply", "echo-reply"), f.ACCEPT], "reply: " + r.label)
-    # ICMP errors about those flows, from any of their peers: one rule per family over
-    # the union of the peers is the same as one per rule, since only accepts sit here
-    for family, nets in _union(rules).items():
-        errors = ICMP_ERRORS4 if family == 4 else ICMP_ERRORS6
-        errs = t.const(f"icmp{'' if family == 4 else 'v6'}_errors", "icmp_type" if family == 4 else "icmpv6_type", errors)
-        t.rule(c, [f.match(f.payload(ip[family], field), _peer_set(t, family, nets)),
-                   f.match(f.payload("icmp" if family == 4 else "icmpv6", "type"), errs), f.ACCEPT],
-               "icmp errors: " + ", ".join(r.label.split(" ", 1)[0] for r in rules))
-
-
-def _union(rules: list[_Rule]) -> dict[int, list]:
-    """Per family, the merged peers of the rules (families with none left out)."""
-    return {fam: m for fam in (4, 6) if (m := netaddr.cidr_merge([n for r in rules for n in r.nets[fam]]))}
-
-
-def _peer_set(t: _Table, family: int, nets) -> str:
-    return t.shared_set(f"peers{family}", f"ipv{family}_addr", [f.addr_elem(n) for n in nets], True)
+        for fam in (4, 6):
+            frag = (f.match(f.bitand(f.payload("ip", "frag-off"), 0x3FFF), 0, "!=") if fam == 4 else f.exthdr_exists("frag"))
+            t.rule(c, [frag, f.match(key(fam), f"@{d}_frag{fam}"), f.ACCEPT], "fragments: to/from the peers of UDP rules")
+        t.rule(c, [f.jump(shared.fragments(v))])
+        new = [f.ct_state("new")] if stateful else []
+        for fam in (4, 6):
+            t.rule(c, [f.match(key(fam, f.meta("l4proto"), f.payload("th", "dport")), f"@{d}_open{fam}"), *new, f.ACCEPT],
+                   f"flows the profile lets {'the guest open' if d == 'out' else 'its peers open'} (tcp/udp)")
+            t.rule(c, [f.match(f.payload(icmp[fam], "type"), "echo-request"), f.match(key(fam), f"@{d}_echo{fam}"), *new, f.ACCEPT],
+                   "echo requests the profile allows")
+        if d == "out":
+            t.rule(c, [f.jump(shared.out_post(prof, v))], "AD ports, tunnels")
+        if not stateful:
+            # Without conntrack: replies to the flows the other side opened, only to/from
+            # that rule's peers and only from its service port; for TCP only with ACK
+            # set, so a bare SYN from the service port (a new flow) is not a reply.
+            for fam in (4, 6):
+                t.rule(c, [f.match(key(fam, f.payload("tcp", "sport")), f"@{d}_rtcp{fam}"),
+                           f.match(f.bitand(f.payload("tcp", "flags"), "ack"), "ack"), f.ACCEPT], "replies: tcp (ACK set)")
+                t.rule(c, [f.match(key(fam, f.payload("udp", "sport")), f"@{d}_rudp{fam}"), f.ACCEPT], "replies: udp")
+                t.rule(c, [f.match(f.payload(icmp[fam], "type"), "echo-reply"), f.match(key(fam), f"@{d}_recho{fam}"), f.ACCEPT],
+                       "replies: echo")
+                errors = ICMP_ERRORS4 if fam == 4 else ICMP_ERRORS6
+                errs = t.const(f"icmp{'' if fam == 4 else 'v6'}_errors", "icmp_type" if fam == 4 else "icmpv6_type", errors)
+                t.rule(c, [f.match(f.payload(icmp[fam], "type"), errs), f.match(key(fam), f"@{d}_rerr{fam}"), f.ACCEPT],
+                       "icmp errors about the flows the other side opened")
+        t.rule(c, last, f"default: {prof.default}")
 
 
 def _guard_rails(t: _Table, c: str, block, sets, field: str, v: _Verdicts) -> None:
@@ -451,18 +412,6 @@ def _guard_rails(t: _Table, c: str, block, sets, field: str, v: _Verdicts) -> No
         s4, s6 = sets["internal"]
         t.rule(c, [f.match(f.payload("ip", field), s4, "!="), *v.drop("internet")], "guard rail: internet (not in site.internal)")
         t.rule(c, [f.match(f.payload("ip6", field), s6, "!="), *v.drop("internet")], "guard rail: internet (not in site.internal)")
-
-
-def _fragments(t: _Table, c: str, rules: list[_Rule], field: str) -> None:
-    """Fragments carry no ports (or too few bytes of them) so no port rule can judge
-    them: they pass only to/from peers of the profile's UDP rules (either direction),
-    and drop right after (`common_frag`)."""
-    ip = {4: "ip", 6: "ip6"}
-    udp = [r for r in rules if r.proto == "udp"]
-    for family, nets in _union(udp).items():
-        frag = (f.match(f.bitand(f.payload("ip", "frag-off"), 0x3FFF), 0, "!=") if family == 4 else f.exthdr_exists("frag"))
-        t.rule(c, [frag, f.match(f.payload(ip[family], field), _peer_set(t, family, nets)), f.ACCEPT],
-               "fragments: " + ", ".join(r.label for r in udp))
 
 
 def reachable(objects: list[dict[str, Any]], chains: set[str]) -> tuple[set[str], set[str]]:

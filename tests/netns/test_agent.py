@@ -192,8 +192,11 @@ def test_libvirt_style_tap_is_bound_and_a_burst_from_its_first_frame_never_reach
 
     # nft read-back: bound by the tap MAC convention, elements of that port only
     table = live_table(hv)
-    assert [NEW_PORT, {"goto": {"target": "out_newvm_1"}}] in elems(table, "out_dispatch")
-    assert [NEW_PORT, {"goto": {"target": "pin_newvm"}}] in elems(table, "in_dispatch")
+    assert [NEW_PORT, {"goto": {"target": "gout_inet_dom_deny"}}] in elems(table, "out_dispatch")
+    assert [NEW_PORT, {"goto": {"target": "gin_inet_dom_deny"}}] in elems(table, "in_dispatch")
+    # and its policy: elements keyed by its port in the fleet-wide sets
+    assert any(e["concat"][0] == NEW_PORT for e in elems(table, "port_ip4"))
+    assert any(e["concat"][0] == NEW_PORT for e in elems(table, "out_open4"))
     assert {"concat": [NEW_MAC, NEW_PORT]} in elems(table, "bound_ports")
     applied = [l for l in agent.logs() if l["event"] == "applied" and "link-new" in l.get("reasons", [])]
     assert applied and applied[-1]["kind"] == "incremental", applied
@@ -236,7 +239,7 @@ def test_table_deleted_by_hand_is_repaired_logged_and_counted(lab, agent):
 
     # a changed element (a port's verdict re-pointed by hand) is drift too
     nsrun(hv, "nft", "delete", "element", "bridge", "segguard", "out_dispatch", "{ vnet7 }", check=True)
-    wait_for(lambda: ["vnet7", {"goto": {"target": "out_xp_line3_hmi"}}] in elems(live_table(hv), "out_dispatch"), "repair")
+    wait_for(lambda: ["vnet7", {"goto": {"target": "gout_inet_dom_deny"}}] in elems(live_table(hv), "out_dispatch"), "repair")
     assert any(l["event"] == "drift" and l["kind"] == "elements-changed" for l in agent.logs())
 
 
@@ -378,9 +381,9 @@ def test_libvirt_hook_as_libvirt_calls_it(lab, agent, cfg, tmp_path):
     # the policy of that guest changed by hand: not "loaded" either
     assert agent.cli("apply", "-c", str(cfg)).returncode == 0
     assert _hook(hv, agent.env, cfg, "newvm-1", NEW_MAC).returncode == 0
-    nsrun(hv, "nft", "flush", "chain", "bridge", "segguard", "out_newvm_1", check=True)
+    nsrun(hv, "nft", "flush", "chain", "bridge", "segguard", "gout_inet_dom_deny", check=True)
     changed = _hook(hv, agent.env, cfg, "newvm-1", NEW_MAC)
-    assert changed.returncode != 0 and "out_newvm_1" in changed.stderr, changed.stderr
+    assert changed.returncode != 0 and "gout_inet_dom_deny" in changed.stderr, changed.stderr
     # the installed hook script runs the same entry point
     from segguard.agent.install import write_hook
     hook = write_hook(tmp_path / "hooks" / "qemu", cfg)

@@ -154,7 +154,7 @@ def test_cli_status_and_plan_against_the_live_kernel(lab):
     assert {g["guest"]: (g["port"], g["source"]) for g in st["guests"]} == {
         "xp-line3-hmi": ("vnet7", "profile"), "scada-line4-srv": ("vnet8", "tap-mac")}
     # drift: a rule deleted by hand shows up in status and plan
-    subprocess.run(["ip", "netns", "exec", hv, "nft", "flush", "chain", "bridge", "segguard", "pout_xp_line3"], check=True)
+    subprocess.run(["ip", "netns", "exec", hv, "nft", "flush", "chain", "bridge", "segguard", "gout_inet_dom_deny"], check=True)
     st2 = segguard_in(hv, "status", "-c", cfg)
     assert st2.returncode == 1 and "DRIFT" in st2.stdout
     assert segguard_in(hv, "plan", "-c", cfg).returncode == 10

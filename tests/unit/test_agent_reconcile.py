@@ -33,9 +33,16 @@ def test_a_tap_appearing_is_element_additions_only(config):
     d = element_delta(list(after.nft), list(before.nft))
     assert d is not None and not d.empty
     adds = dict(d.add)
-    assert ["vnet8", {"goto": {"target": "out_scada_line4_srv"}}] in adds["out_dispatch"]
-    assert ["vnet8", {"goto": {"target": "pin_scada_line4"}}] in adds["in_dispatch"]
+    assert ["vnet8", {"goto": {"target": "gout_inet_dom_allow"}}] in adds["out_dispatch"]
+    assert ["vnet8", {"goto": {"target": "gin_inet_dom_allow"}}] in adds["in_dispatch"]
+    assert ["vnet8", {"jump": {"target": "nd_scada_line4_srv"}}] in adds["nd_dispatch"]
     assert {"concat": ["52:54:00:aa:00:02", "vnet8"]} in adds["bound_ports"]
+    # its profile's policy arrives as elements keyed by its port, nothing else
+    assert {"concat": ["vnet8", "10.30.0.20", "tcp", 1433]} in adds["out_open4"]
+    assert {"concat": ["vnet8", "fd00:30::30", "tcp", 22]} in adds["in_open6"]
+    assert {"concat": ["vnet8", "10.30.0.16"]} in adds["port_ip4"]
+    assert all(e["concat"][0] == "vnet8" if isinstance(e, dict) and name != "bound_ports" else True
+               for name, elems in d.add for e in elems)
     assert not any(e for _, e in d.delete)
     batch = delta_batch("segguard", d)["nftables"]
     verbs = [next(iter(c)) for c in batch[1:]]
@@ -50,7 +57,7 @@ def test_a_tap_appearing_is_element_additions_only(config):
 def test_anything_but_elements_needs_the_full_replace(config):
     plan = compile_plan(config, facts())
     changed = copy.deepcopy(list(plan.nft))
-    rule = next(o for o in changed if "rule" in o and o["rule"]["chain"] == "pout_xp_line3")
+    rule = next(o for o in changed if "rule" in o and o["rule"]["chain"] == "gout_inet_dom_deny")
     rule["rule"]["expr"] = [{"accept": None}]
     assert element_delta(list(plan.nft), changed) is None
     assert element_delta(list(plan.nft), None) is None
@@ -60,12 +67,29 @@ def test_drift_is_named_by_kind(config):
     plan = list(compile_plan(config, facts()).nft)
     assert classify_drift(plan, None) == [("table-deleted", "table bridge segguard is gone")]
     assert classify_drift(plan, plan) == []
-    no_rule = [o for o in plan if not ("rule" in o and o["rule"]["chain"] == "out_xp_line3_hmi")]
-    assert ("rule-changed", "chain out_xp_line3_hmi") in classify_drift(plan, no_rule)
+    no_rule = [o for o in plan if not ("rule" in o and o["rule"]["chain"] == "gout_inet_dom_deny")]
+    assert ("rule-changed", "chain gout_inet_dom_deny") in classify_drift(plan, no_rule)
     fewer = copy.deepcopy(plan)
     m = next(o for o in fewer if "map" in o and o["map"]["name"] == "out_dispatch")
     m["map"]["elem"] = m["map"]["elem"][1:]
     assert classify_drift(plan, fewer) == [("elements-changed", "map out_dispatch")]
+
+
+def test_a_profile_edit_is_element_changes_only(config, tmp_path):
+    """Editing a profile's allow rules changes elements keyed by its ports, not rules:
+    the agent sends that delta, not the table."""
+    import shutil
+    shutil.copytree(LAB, tmp_path / "lab")
+    prof = tmp_path / "lab" / "profiles" / "xp-line3.yaml"
+    prof.write_text(prof.read_text().replace("3389", "3390"))
+    ports = facts(PortFact("vnet8", "fe:54:00:aa:00:02"))
+    before, after = compile_plan(config, ports), compile_plan(load_config(tmp_path / "lab"), ports)
+    d = element_delta(list(after.nft), list(before.nft))
+    assert d is not None and not d.empty
+    touched = {e["concat"][0] for _, elems in (*d.add, *d.delete) for e in elems}
+    assert touched == {"vnet7"}  # xp-line3's guest only
+    assert {"concat": ["vnet7", "10.30.0.30", "tcp", 3390]} in dict(d.add)["in_open4"]
+    assert {"concat": ["vnet7", "10.30.0.30", "tcp", 3389]} in dict(d.delete)["in_open4"]
 
 
 def test_guest_view_ignores_other_guests_elements(config):

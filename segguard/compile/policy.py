@@ -1,0 +1,155 @@
+"""A profile's allow rules as set elements keyed by port.
+
+The table's rules are the same for every guest (compile/nft.py `_class_chains`); what
+differs per guest is which (port, peer, protocol, service) tuples its port may use.
+Each profile is turned once into a `PortPolicy` (its elements without the port), and
+every bound port of the profile gets those elements with its name in front.
+
+Sets with ranges and concatenations (nftables' pipapo) refuse overlapping elements,
+and a profile's rules overlap freely (two rules to the same host, a /24 and a host in
+it). `boxes` cuts the union of a protocol's rules into disjoint (address range, port
+range) pieces: a frame matches one piece exactly when it matches one of the rules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import netaddr
+
+from segguard.config.validate import LoadedProfile, ResolvedRule
+
+# set name -> (type, interval). "out" sets are looked up with the guest's port as
+# iifname and the peer as ip daddr; "in" sets with oifname and ip saddr.
+_KINDS = {
+    "open": ("{addr}", "inet_proto", "inet_service"),  # flows this side opens (tcp/udp)
+    "echo": ("{addr}",),                                # echo requests this side sends
+    "frag": ("{addr}",),                                # fragments to/from UDP peers
+    "rtcp": ("{addr}", "inet_service"),                 # stateless: tcp replies (sport)
+    "rudp": ("{addr}", "inet_service"),                 # stateless: udp replies (sport)
+    "recho": ("{addr}",),                               # stateless: echo replies
+    "rerr": ("{addr}",),                                # stateless: icmp errors
+}
+_STATELESS_ONLY = ("rtcp", "rudp", "recho", "rerr")
+
+
+def port_set_types(stateful: bool) -> dict[str, tuple[list[str], bool]]:
+    """Every port-keyed set of the table with its type, in a fixed order."""
+    out: dict[str, tuple[list[str], bool]] = {
+        "port_types": (["ifname", "ether_type"], False),
+        "port_ip4": (["ifname", "ipv4_addr"], False),
+        "port_ip6": (["ifname", "ipv6_addr"], False),
+    }
+    for d in ("out", "in"):
+        for kind, parts in _KINDS.items():
+            if stateful and kind in _STATELESS_ONLY:
+                continue
+            for fam in (4, 6):
+                out[f"{d}_{kind}{fam}"] = (["ifname", *(p.format(addr=f"ipv{fam}_addr") for p in parts)], True)
+    return out
+
+
+def _addr(lo: int, hi: int, fam: int) -> Any:
+    """An address range as nft lists it back: an address, a prefix, or a range."""
+    ver = 4 if fam == 4 else 6
+    if lo == hi:
+        return str(netaddr.IPAddress(lo, ver))
+    cidrs = netaddr.iprange_to_cidrs(netaddr.IPAddress(lo, ver), netaddr.IPAddress(hi, ver))
+    if len(cidrs) == 1:
+        return {"prefix": {"addr": str(cidrs[0].network), "len": cidrs[0].prefixlen}}
+    return {"range": [str(netaddr.IPAddress(lo, ver)), str(netaddr.IPAddress(hi, ver))]}
+
+
+def _svc(lo: int, hi: int) -> Any:
+    return lo if lo == hi else {"range": [lo, hi]}
+
+
+def _merge(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    out: list[list[int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return tuple((lo, hi) for lo, hi in out)
+
+
+def _spans(nets: Iterable[netaddr.IPNetwork]) -> list[tuple[int, int]]:
+    return [(n.first, n.last) for n in nets]
+
+
+def boxes(rules: list[tuple[list[tuple[int, int]], list[tuple[int, int]]]]) -> list[tuple[int, int, int, int]]:
+    """Disjoint (addr lo, addr hi, port lo, port hi) pieces covering exactly the union
+    of the rules' address spans x port ranges. Addresses are cut at every span edge;
+    each piece of address space gets the merged ports of the rules covering it, and
+    neighbouring pieces with the same ports join again."""
+    edges = sorted({e for spans, _ in rules for lo, hi in spans for e in (lo, hi + 1)})
+    pieces: list[tuple[int, int, tuple[tuple[int, int], ...]]] = []
+    for a, b in zip(edges, edges[1:]):
+        ports = _merge(p for spans, rng in rules if any(lo <= a <= hi for lo, hi in spans) for p in rng)
+        if not ports:
+            continue
+        if pieces and pieces[-1][1] == a - 1 and pieces[-1][2] == ports:
+            pieces[-1] = (pieces[-1][0], b - 1, ports)
+        else:
+            pieces.append((a, b - 1, ports))
+    return [(lo, hi, plo, phi) for lo, hi, ports in pieces for plo, phi in ports]
+
+
+def _union(rules: list[ResolvedRule], fam: int) -> list[tuple[int, int]]:
+    return _merge(s for r in rules for s in _spans(n for n in r.peers if n.version == fam))
+
+
+@dataclass(frozen=True)
+class PortPolicy:
+    """One profile's elements, per set, without the port in front."""
+
+    elems: dict[str, tuple[tuple[Any, ...], ...]]
+
+    @classmethod
+    def of(cls, lp: LoadedProfile, stateful: bool) -> "PortPolicy":
+        elems: dict[str, list[tuple[Any, ...]]] = {}
+
+        def put(name: str, parts: tuple[Any, ...]) -> None:
+            elems.setdefault(name, []).append(parts)
+
+        for d, opened, other in (("out", lp.egress, lp.ingress), ("in", lp.ingress, lp.egress)):
+            for fam in (4, 6):
+                for proto in ("tcp", "udp"):
+                    mine = [r for r in opened if r.proto == proto]
+                    for lo, hi, plo, phi in boxes([(_spans(n for n in r.peers if n.version == fam), list(r.ports)) for r in mine]):
+                        put(f"{d}_open{fam}", (_addr(lo, hi, fam), proto, _svc(plo, phi)))
+                for lo, hi in _union([r for r in opened if r.proto == "icmp"], fam):
+                    put(f"{d}_echo{fam}", (_addr(lo, hi, fam),))
+                # fragments carry no ports (or too few bytes of them), so no port rule
+                # can judge them: to/from peers of the UDP rules, either direction
+                for lo, hi in _union([r for r in (*opened, *other) if r.proto == "udp"], fam):
+                    put(f"{d}_frag{fam}", (_addr(lo, hi, fam),))
+                if stateful:
+                    continue
+                for proto in ("tcp", "udp"):
+                    theirs = [r for r in other if r.proto == proto]
+                    for lo, hi, plo, phi in boxes([(_spans(n for n in r.peers if n.version == fam), list(r.ports)) for r in theirs]):
+                        put(f"{d}_r{proto}{fam}", (_addr(lo, hi, fam), _svc(plo, phi)))
+                for lo, hi in _union([r for r in other if r.proto == "icmp"], fam):
+                    put(f"{d}_recho{fam}", (_addr(lo, hi, fam),))
+                # ICMP errors about those flows, from any of their peers
+                for lo, hi in _union(list(other), fam):
+                    put(f"{d}_rerr{fam}", (_addr(lo, hi, fam),))
+        return cls({k: tuple(v) for k, v in elems.items()})
+
+
+def port_elements(ported, templates: dict[str, PortPolicy]) -> dict[str, list[Any]]:
+    """Per set, the elements of every bound port (`ported`: bindings with a port,
+    sorted by port), identity first."""
+    out: dict[str, list[Any]] = {}
+    for b in ported:
+        types = (["arp", "ip"] if b.ipv4 else []) + (["ip6"] if b.ipv6 else [])
+        out.setdefault("port_types", []).extend({"concat": [b.port, t]} for t in types)
+        out.setdefault("port_ip4", []).extend({"concat": [b.port, a]} for a in sorted(b.ipv4, key=netaddr.IPAddress))
+        out.setdefault("port_ip6", []).extend({"concat": [b.port, a]} for a in sorted(b.ipv6, key=netaddr.IPAddress))
+        for name, tuples in templates[b.profile].elems.items():
+            if not (b.ipv4 if name.endswith("4") else b.ipv6):
+                continue  # the port drops that family before any lookup
+            out.setdefault(name, []).extend({"concat": [b.port, *parts]} for parts in tuples)
+    return out
