@@ -371,7 +371,7 @@ def _class_chains(t: _Table, prof, out_c: str, in_c: str, shared: _Shared, state
 
         for fam in (4, 6):
             frag = (f.match(f.bitand(f.payload("ip", "frag-off"), 0x3FFF), 0, "!=") if fam == 4 else f.exthdr_exists("frag"))
-            t.rule(c, [frag, f.match(key(fam), f"@{d}_frag{fam}"), f.ACCEPT], "fragments: to/from the peers of UDP rules")
+            t.rule(c, [frag, f.match(key(fam), f"@frag{fam}"), f.ACCEPT], "fragments: to/from the peers of UDP rules")
         t.rule(c, [f.jump(shared.fragments(v))])
         new = [f.ct_state("new")] if stateful else []
         for fam in (4, 6):
@@ -383,13 +383,17 @@ def _class_chains(t: _Table, prof, out_c: str, in_c: str, shared: _Shared, state
             t.rule(c, [f.jump(shared.out_post(prof, v))], "AD ports, tunnels")
         if not stateful:
             # Without conntrack: replies to the flows the other side opened, only to/from
-            # that rule's peers and only from its service port; for TCP only with ACK
-            # set, so a bare SYN from the service port (a new flow) is not a reply.
+            # that rule's peers and only from its service port -- the other direction's
+            # own tuples, with sport for dport; for TCP only with ACK set, so a bare SYN
+            # from the service port (a new flow) is not a reply.
+            other = "in" if d == "out" else "out"
             for fam in (4, 6):
-                t.rule(c, [f.match(key(fam, f.payload("tcp", "sport")), f"@{d}_rtcp{fam}"),
-                           f.match(f.bitand(f.payload("tcp", "flags"), "ack"), "ack"), f.ACCEPT], "replies: tcp (ACK set)")
-                t.rule(c, [f.match(key(fam, f.payload("udp", "sport")), f"@{d}_rudp{fam}"), f.ACCEPT], "replies: udp")
-                t.rule(c, [f.match(f.payload(icmp[fam], "type"), "echo-reply"), f.match(key(fam), f"@{d}_recho{fam}"), f.ACCEPT],
+                # (written as the kernel lists them back: `tcp sport` implies l4proto tcp)
+                def reply(proto: str) -> dict[str, Any]:
+                    return f.match(key(fam, f.meta("l4proto"), f.payload(proto, "sport")), f"@{other}_open{fam}")
+                t.rule(c, [f.match(f.bitand(f.payload("tcp", "flags"), "ack"), "ack"), reply("tcp"), f.ACCEPT], "replies: tcp (ACK set)")
+                t.rule(c, [reply("udp"), f.ACCEPT], "replies: udp")
+                t.rule(c, [f.match(f.payload(icmp[fam], "type"), "echo-reply"), f.match(key(fam), f"@{other}_echo{fam}"), f.ACCEPT],
                        "replies: echo")
                 errors = ICMP_ERRORS4 if fam == 4 else ICMP_ERRORS6
                 errs = t.const(f"icmp{'' if fam == 4 else 'v6'}_errors", "icmp_type" if fam == 4 else "icmpv6_type", errors)

@@ -19,18 +19,17 @@ import netaddr
 
 from segguard.config.validate import LoadedProfile, ResolvedRule
 
-# set name -> (type, interval). "out" sets are looked up with the guest's port as
-# iifname and the peer as ip daddr; "in" sets with oifname and ip saddr.
+# set name -> (type, interval). "out" sets hold what the guest opens (looked up with
+# its port as iifname and the peer as ip daddr), "in" sets what its peers open to it
+# (oifname, ip saddr). Without conntrack the replies are the same tuples seen from the
+# other side: a reply from the guest is (iifname, daddr, l4proto, sport) in `in_open`,
+# so the reply rules look up the other direction's sets instead of sets of their own.
 _KINDS = {
-    "open": ("{addr}", "inet_proto", "inet_service"),  # flows this side opens (tcp/udp)
+    "open": ("{addr}", "inet_proto", "inet_service"),  # tcp/udp flows this side opens
     "echo": ("{addr}",),                                # echo requests this side sends
-    "frag": ("{addr}",),                                # fragments to/from UDP peers
-    "rtcp": ("{addr}", "inet_service"),                 # stateless: tcp replies (sport)
-    "rudp": ("{addr}", "inet_service"),                 # stateless: udp replies (sport)
-    "recho": ("{addr}",),                               # stateless: echo replies
-    "rerr": ("{addr}",),                                # stateless: icmp errors
+    "rerr": ("{addr}",),                                # stateless: icmp errors about flows the other side opened
 }
-_STATELESS_ONLY = ("rtcp", "rudp", "recho", "rerr")
+_STATELESS_ONLY = ("rerr",)
 
 
 def port_set_types(stateful: bool) -> dict[str, tuple[list[str], bool]]:
@@ -39,6 +38,10 @@ def port_set_types(stateful: bool) -> dict[str, tuple[list[str], bool]]:
         "port_types": (["ifname", "ether_type"], False),
         "port_ip4": (["ifname", "ipv4_addr"], False),
         "port_ip6": (["ifname", "ipv6_addr"], False),
+        # fragments carry no ports (or too few bytes of them), so no port rule can
+        # judge them: to/from peers of the profile's UDP rules, either direction
+        "frag4": (["ifname", "ipv4_addr"], True),
+        "frag6": (["ifname", "ipv6_addr"], True),
     }
     for d in ("out", "in"):
         for kind, parts in _KINDS.items():
@@ -113,6 +116,9 @@ class PortPolicy:
         def put(name: str, parts: tuple[Any, ...]) -> None:
             elems.setdefault(name, []).append(parts)
 
+        for fam in (4, 6):
+            for lo, hi in _union([r for r in (*lp.egress, *lp.ingress) if r.proto == "udp"], fam):
+                put(f"frag{fam}", (_addr(lo, hi, fam),))
         for d, opened, other in (("out", lp.egress, lp.ingress), ("in", lp.ingress, lp.egress)):
             for fam in (4, 6):
                 for proto in ("tcp", "udp"):
@@ -121,21 +127,10 @@ class PortPolicy:
                         put(f"{d}_open{fam}", (_addr(lo, hi, fam), proto, _svc(plo, phi)))
                 for lo, hi in _union([r for r in opened if r.proto == "icmp"], fam):
                     put(f"{d}_echo{fam}", (_addr(lo, hi, fam),))
-                # fragments carry no ports (or too few bytes of them), so no port rule
-                # can judge them: to/from peers of the UDP rules, either direction
-                for lo, hi in _union([r for r in (*opened, *other) if r.proto == "udp"], fam):
-                    put(f"{d}_frag{fam}", (_addr(lo, hi, fam),))
-                if stateful:
-                    continue
-                for proto in ("tcp", "udp"):
-                    theirs = [r for r in other if r.proto == proto]
-                    for lo, hi, plo, phi in boxes([(_spans(n for n in r.peers if n.version == fam), list(r.ports)) for r in theirs]):
-                        put(f"{d}_r{proto}{fam}", (_addr(lo, hi, fam), _svc(plo, phi)))
-                for lo, hi in _union([r for r in other if r.proto == "icmp"], fam):
-                    put(f"{d}_recho{fam}", (_addr(lo, hi, fam),))
-                # ICMP errors about those flows, from any of their peers
-                for lo, hi in _union(list(other), fam):
-                    put(f"{d}_rerr{fam}", (_addr(lo, hi, fam),))
+                if not stateful:
+                    # ICMP errors about the flows the other side opened, from any of their peers
+                    for lo, hi in _union(list(other), fam):
+                        put(f"{d}_rerr{fam}", (_addr(lo, hi, fam),))
         return cls({k: tuple(v) for k, v in elems.items()})
 
 
