@@ -1,17 +1,25 @@
-"""The nftables half of the plan: one bridge-family table, dispatch by port through
-verdict maps so per-packet cost does not grow with the number of guests.
+"""The nftables half of the plan: one bridge-family table whose rules are the same for
+one guest or 5,000. What each guest may do is elements of fleet-wide sets keyed by its
+port (compile/policy.py), so per-packet cost, the transaction for a change and the
+rule count do not grow with the fleet.
 
 Frame paths through our table (bridge hooks):
   from a legacy port  prerouting (before the FDB learns the source) and input (frames to
-                      the host, and link-local frames that skip prerouting) -> out_<guest>
-  to a legacy port    forward (bridged) and output (from the host)       -> pin_<profile>
-Anything on a port no profile names only meets the MAC-binding check, which drops a
-legacy guest's MAC on every port but its own.
+                      the host, and link-local frames that skip prerouting)
+                      -> out_dispatch[port] -> gout_<kind> (identity, then policy)
+  to a legacy port    forward (bridged) and output (from the host)
+                      -> in_dispatch[port] -> gin_<kind>
+`<kind>` is the profile's block flags and default (`class_chains`); an audit profile
+has its own pair, since its log prefix names it. Anything on a port no profile names
+only meets the MAC-binding check, which drops a legacy guest's MAC on every port but
+its own.
 
-Profile chains jump to shared `common_*` chains for every rule that does not depend on
-the profile (guard rails, rogue services, fragments, tunnels), and peer/port sets are
-named by content and shared: the table's size is then mostly the profiles' own allow
-rules. `reachable` says which chains and sets a guest's policy actually uses.
+Each pair of chains jumps to shared `common_*` chains for the rules that depend on
+neither the guest nor its rules (guard rails, rogue services, fragments, tunnels);
+each allow is one lookup of (port, peer, protocol, service) in a set. Per guest there
+remain only its ND-target chain (IPv6 guests; libnftables 1.0 cannot key a set on the
+ND target) and its port's netdev ingress chain. `reachable` says which chains and sets
+a guest's policy uses.
 """
 from __future__ import annotations
 

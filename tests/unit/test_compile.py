@@ -7,6 +7,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import netaddr
 import pytest
 
 from segguard.compile import compile_plan
@@ -102,9 +103,10 @@ def has_expr(rule: dict, key: str) -> bool:
     return any(key in e for e in rule["expr"])
 
 
-def has_any_drop(plan: Plan) -> bool:
-    """Whether a frame of the profile chains can reach a drop (netdev/base chains aside)."""
-    reach, todo = set(), [c["name"] for c in objs(plan, "chain") if c["name"].startswith(("pout_", "pin_", "out_", "nd_"))]
+def has_any_drop(plan: Plan, chains) -> bool:
+    """Whether a frame entering `chains` can reach a drop, following jumps and gotos
+    (the per-port verdict-map lookups are left out: name the guest's nd_ chain)."""
+    reach, todo = set(), list(chains)
     while todo:
         c = todo.pop()
         if c in reach:
@@ -120,6 +122,64 @@ def has_any_drop(plan: Plan) -> bool:
 
 def uses_ct(rule: dict) -> bool:
     return "'ct'" in repr(rule["expr"])
+
+
+def dispatch(plan: Plan, m: str, port: str) -> str:
+    """The chain a port's frames go to through verdict map `m`."""
+    (target,) = [next(iter(v.values()))["target"] for k, v in elems(plan, "map", m) if k == port]
+    return target
+
+
+def _field(e: dict) -> str:
+    if "meta" in e:
+        return e["meta"]["key"]
+    p = e["payload"]
+    return f"{p['protocol']} {p['field']}"
+
+
+def lookups(rule: dict) -> list[tuple[list[str], str]]:
+    """(key fields, set name) of every `match` of a rule against a named set keyed by
+    a concatenation (the port-keyed policy sets)."""
+    out = []
+    for e in rule["expr"]:
+        m = e.get("match")
+        if m and isinstance(m["right"], str) and m["right"].startswith("@") and "concat" in m["left"]:
+            out.append(([_field(p) for p in m["left"]["concat"]], m["right"][1:]))
+    return out
+
+
+def looks_up(rule: dict, *names: str) -> bool:
+    return any(s in names for _, s in lookups(rule))
+
+
+POLICY_SETS = tuple(f"{d}_{k}{fam}" for d in ("out", "in") for k in ("open", "echo", "rerr") for fam in (4, 6)) + ("frag4", "frag6")
+
+
+def _covers(elem, value) -> bool:
+    if isinstance(elem, dict) and "prefix" in elem:
+        return netaddr.IPAddress(value) in netaddr.IPNetwork(f"{elem['prefix']['addr']}/{elem['prefix']['len']}")
+    if isinstance(elem, dict) and "range" in elem:
+        lo, hi = elem["range"]
+        if isinstance(lo, int):
+            return lo <= value <= hi
+        return netaddr.IPAddress(lo) <= netaddr.IPAddress(value) <= netaddr.IPAddress(hi)
+    if isinstance(elem, str) and isinstance(value, str) and netaddr.valid_ipv4(elem) | netaddr.valid_ipv6(elem):
+        return netaddr.valid_ipv4(value) | netaddr.valid_ipv6(value) and netaddr.IPAddress(elem) == netaddr.IPAddress(value)
+    return elem == value
+
+
+def member(plan: Plan, name: str, *values) -> bool:
+    """Whether the tuple `values` is in set `name` (addresses in prefixes and ranges,
+    ports in port ranges). The elements must not overlap: at most one may match."""
+    hits = [e for e in elems(plan, "set", name)
+            if len(e["concat"]) == len(values) and all(_covers(p, v) for p, v in zip(e["concat"], values))]
+    assert len(hits) <= 1, (name, values, hits)
+    return bool(hits)
+
+
+def port_elems(plan: Plan, name: str, port: str) -> list[list]:
+    """The elements of a port-keyed set that belong to `port`, without it."""
+    return [e["concat"][1:] for e in elems(plan, "set", name) if e["concat"][0] == port]
 
 
 # ------------------------------------------------------------------- determinism
@@ -193,18 +253,26 @@ def test_base_chains_do_not_grow_with_guests(tmp_path, layout):
         [r for r in objs(one, "rule") if r["chain"] in BASE_CHAINS]
 
 
-def test_dispatch_maps_point_at_guest_and_profile_chains(tmp_path):
+def test_dispatch_maps_point_at_the_class_chains(tmp_path):
     cfg = load_config(LAB)
     plan = compile_plan(cfg, lab_facts())
+    # xp-line3: deny by default; scada-line4: allow; both block internet and domain
     assert elems(plan, "map", "out_dispatch") == [
-        ["vnet7", {"goto": {"target": "out_xp_line3_hmi"}}], ["vnet8", {"goto": {"target": "out_scada_line4_srv"}}]]
+        ["vnet7", {"goto": {"target": "gout_inet_dom_deny"}}], ["vnet8", {"goto": {"target": "gout_inet_dom_allow"}}]]
     assert elems(plan, "map", "in_dispatch") == [
-        ["vnet7", {"goto": {"target": "pin_xp_line3"}}], ["vnet8", {"goto": {"target": "pin_scada_line4"}}]]
+        ["vnet7", {"goto": {"target": "gin_inet_dom_deny"}}], ["vnet8", {"goto": {"target": "gin_inet_dom_allow"}}]]
+    # only the IPv6 guest has an ND-target chain, reached by its own port only
+    assert elems(plan, "map", "nd_dispatch") == [["vnet8", {"jump": {"target": "nd_scada_line4_srv"}}]]
     chains = {c["name"] for c in objs(plan, "chain")}
-    for _, verdict in elems(plan, "map", "out_dispatch") + elems(plan, "map", "in_dispatch"):
-        assert verdict["goto"]["target"] in chains
-    # every guest chain ends by handing over to its profile's chain
-    assert rules(plan, "out_xp_line3_hmi")[-1]["expr"] == [{"goto": {"target": "pout_xp_line3"}}]
+    for m in ("out_dispatch", "in_dispatch", "nd_dispatch"):
+        for _, verdict in elems(plan, "map", m):
+            assert next(iter(verdict.values()))["target"] in chains
+    # what the bindings say they dispatch to is what the maps do
+    for b in plan.bindings:
+        assert b.chains == (dispatch(plan, "out_dispatch", b.port), dispatch(plan, "in_dispatch", b.port))
+    # every class chain ends with its profile's default
+    assert rules(plan, "gout_inet_dom_deny")[-1]["comment"] == "default: deny"
+    assert rules(plan, "gout_inet_dom_allow")[-1]["comment"] == "default: allow"
     assert rules(plan, "prerouting")[-1]["expr"] == [{"vmap": {"key": {"meta": {"key": "iifname"}}, "data": "@out_dispatch"}}]
     assert rules(plan, "forward")[-1]["expr"] == [{"vmap": {"key": {"meta": {"key": "oifname"}}, "data": "@in_dispatch"}}]
 
@@ -300,20 +368,31 @@ def test_missing_bridge_warns(tmp_path):
 
 
 # ---------------------------------------------------------------- stateful or not
+STATELESS_ONLY_SETS = ("out_rerr4", "out_rerr6", "in_rerr4", "in_rerr6")
+
+
 def test_stateful_uses_ct_state_and_no_reply_rules():
     plan = compile_plan(load_config(LAB), lab_facts(bridge_conntrack=True))
     assert plan.stateful is True
     all_rules = objs(plan, "rule")
-    assert not [r for r in all_rules if r.get("comment", "").startswith("reply:")]
+    # no stateless reply rule: nothing keyed on a source port, no echo-reply, no icmp-error sets
+    assert not [r for r in all_rules if r.get("comment", "").startswith("replies:")]
+    assert not [r for r in all_rules if any(f.endswith("sport") for k, _ in lookups(r) for f in k)]
+    assert "echo-reply" not in json.dumps([r["expr"] for r in all_rules])
+    names = {s["name"] for s in objs(plan, "set")}
+    assert not names & set(STATELESS_ONLY_SETS)
+    assert not [r for r in all_rules if looks_up(r, *STATELESS_ONLY_SETS)]
     ct = [r for r in all_rules if uses_ct(r)]
     assert ct
-    for chain in ("pout_xp_line3", "pin_xp_line3"):
+    for chain in ("gout_inet_dom_deny", "gin_inet_dom_deny", "gout_inet_dom_allow", "gin_inet_dom_allow"):
         exprs = [r["expr"] for r in walk(plan, chain)]
         assert [{"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "invalid"}}, {"counter": None}, {"drop": None}] in exprs
         assert [{"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}}, {"accept": None}] in exprs
-    # every allow rule of the profile matches only new flows
-    allow = [r for r in all_rules if r.get("comment", "").startswith(("egress[", "ingress["))]
-    assert allow and all({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}} in r["expr"] for r in allow)
+    # every allow rule of a profile (flows and echo requests it opens) matches only new flows
+    allow = [r for r in all_rules if looks_up(r, "out_open4", "out_open6", "in_open4", "in_open6",
+                                              "out_echo4", "out_echo6", "in_echo4", "in_echo6")]
+    assert len(allow) == 4 * 4  # 2 kinds of profile x (out, in) x (open, echo) x (v4, v6)
+    assert all({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}} in r["expr"] for r in allow)
 
 
 def test_stateless_uses_reply_rules_and_no_ct():
@@ -321,20 +400,44 @@ def test_stateless_uses_reply_rules_and_no_ct():
     assert plan.stateful is False
     all_rules = objs(plan, "rule")
     assert not [r for r in all_rules if uses_ct(r)]
-    replies = sorted({(r["chain"], r["comment"]) for r in all_rules if r.get("comment", "").startswith("reply:")})
-    assert replies == [
-        ("pin_scada_line4", "reply: egress[0] to historian_db tcp/1433"),
-        ("pin_scada_line4", "reply: egress[1] to historian_db udp/514"),
-        ("pin_scada_line4", "reply: egress[2] to historian_db icmp"),
-        ("pin_xp_line3", "reply: egress[0] to historian_db tcp/1433"),
-        ("pout_scada_line4", "reply: ingress[0] from jump_hosts tcp/22,3389"),
-        ("pout_scada_line4", "reply: ingress[1] from jump_hosts icmp"),
-        ("pout_xp_line3", "reply: ingress[0] from jump_hosts tcp/3389"),
-    ]
-    # a TCP reply must carry ACK (a bare SYN from the service port is not a reply)
-    tcp_reply = next(r for r in rules(plan, "pin_xp_line3") if r.get("comment") == "reply: egress[0] to historian_db tcp/1433")
-    assert {"match": {"op": "==", "left": {"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, "ack"]}, "right": "ack"}} in tcp_reply["expr"]
-    assert {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "sport"}}, "right": 1433}} in tcp_reply["expr"]
+    port = {"out": "iifname", "in": "oifname"}
+    peer = {("out", 4): "ip daddr", ("out", 6): "ip6 daddr", ("in", 4): "ip saddr", ("in", 6): "ip6 saddr"}
+    ack = {"match": {"op": "==", "left": {"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, "ack"]}, "right": "ack"}}
+    reply_sets = {}
+    for chain in ("gout_inet_dom_deny", "gin_inet_dom_deny", "gout_inet_dom_allow", "gin_inet_dom_allow"):
+        d, other = ("out", "in") if chain.startswith("gout_") else ("in", "out")
+        rs = rules(plan, chain)
+        for fam in (4, 6):
+            # a reply is the other side's opened flow seen backwards: keyed on the
+            # source port, looked up in the other direction's own set
+            tcp = [r for r in rs if any(k == [port[d], peer[d, fam], "l4proto", "tcp sport"] for k, _ in lookups(r))]
+            udp = [r for r in rs if any(k == [port[d], peer[d, fam], "l4proto", "udp sport"] for k, _ in lookups(r))]
+            assert len(tcp) == len(udp) == 1, (chain, fam)
+            assert lookups(tcp[0])[0][1] == lookups(udp[0])[0][1] == f"{other}_open{fam}"
+            # a TCP reply must carry ACK (a bare SYN from the service port is not a reply)
+            assert ack in tcp[0]["expr"] and tcp[0]["expr"][-1] == {"accept": None}
+            assert not has_expr(udp[0], "&")
+            icmp = "icmp" if fam == 4 else "icmpv6"
+            echo = [r for r in rs if {"match": {"op": "==", "left": {"payload": {"protocol": icmp, "field": "type"}}, "right": "echo-reply"}} in r["expr"]]
+            assert len(echo) == 1 and lookups(echo[0]) == [([port[d], peer[d, fam]], f"{other}_echo{fam}")]
+            errs = [r for r in rs if looks_up(r, f"{d}_rerr{fam}")]
+            assert len(errs) == 1 and errs[0]["expr"][-1] == {"accept": None}
+            reply_sets[chain, fam] = lookups(tcp[0])[0][1]
+    # xp-line3 (vnet7): egress tcp/1433 to historian_db; ingress tcp/3389 from jump_hosts
+    s_in, s_out = reply_sets["gin_inet_dom_deny", 4], reply_sets["gout_inet_dom_deny", 4]
+    assert member(plan, s_in, "vnet7", "10.30.0.20", "tcp", 1433)       # historian answers the guest
+    assert not member(plan, s_in, "vnet7", "10.30.0.20", "tcp", 1434)   # only from its service port
+    assert not member(plan, s_in, "vnet7", "10.30.0.21", "tcp", 1433)   # only that peer
+    assert not member(plan, s_in, "vnet7", "10.30.0.20", "udp", 514)    # scada-line4's rule, not xp's
+    assert member(plan, s_out, "vnet7", "10.30.0.30", "tcp", 3389)      # the guest answers the jump host
+    assert not member(plan, s_out, "vnet7", "10.30.0.30", "tcp", 22)
+    # icmp errors: only to/from the peers of the other side's rules
+    assert port_elems(plan, "in_rerr4", "vnet7") == [["10.30.0.20"]]
+    assert port_elems(plan, "out_rerr4", "vnet7") == [["10.30.0.30"]]
+    assert port_elems(plan, "out_rerr6", "vnet7") == [] and port_elems(plan, "in_rerr6", "vnet7") == []
+    # echo replies: scada-line4 may ping historian_db and be pinged by jump_hosts
+    assert port_elems(plan, "out_echo4", "vnet8") == [["10.30.0.20"]] and port_elems(plan, "in_echo4", "vnet8") == [["10.30.0.30"]]
+    assert port_elems(plan, "out_echo4", "vnet7") == [] and port_elems(plan, "in_echo4", "vnet7") == []
 
 
 # -------------------------------------------------------------------------- audit
@@ -342,13 +445,16 @@ def test_audit_mode_logs_and_accepts_instead_of_dropping(tmp_path):
     gs = [guest(1, v6=True)]
     enforce = compile_plan(load_config(write_config(tmp_path / "e", {"p": profile("p", gs)})), HostFacts())
     audit = compile_plan(load_config(write_config(tmp_path / "a", {"p": profile("p", gs, mode="audit")})), HostFacts())
-    own = ("pout_p", "pin_p", "out_g1", "nd_g1")
-    e_rules = [r for c in own for r in walk(enforce, c)]
-    a_rules = [r for c in own for r in walk(audit, c)]
+    e_own = ("gout_inet_dom_deny", "gin_inet_dom_deny", "nd_g1")
+    a_own = ("a_p_out", "a_p_in", "nd_g1")
+    assert (dispatch(audit, "out_dispatch", "vnet1"), dispatch(audit, "in_dispatch", "vnet1")) == a_own[:2]
+    assert (dispatch(enforce, "out_dispatch", "vnet1"), dispatch(enforce, "in_dispatch", "vnet1")) == e_own[:2]
+    e_rules = [r for c in e_own for r in walk(enforce, c)]
+    a_rules = [r for c in a_own for r in walk(audit, c)]
     assert len(e_rules) == len(a_rules)
     # no audit profile shares a chain with enforcing ones: every drop it could reach
     # is in a chain of its own
-    assert not has_any_drop(audit)
+    assert not has_any_drop(audit, a_own) and has_any_drop(enforce, e_own)
     dropped = 0
     for e, a in zip(e_rules, a_rules):
         a, e = {**a, "chain": None}, {**e, "chain": None}
@@ -370,10 +476,25 @@ def test_audit_mode_logs_and_accepts_instead_of_dropping(tmp_path):
     assert audit.bindings[0].mode == "audit"
 
 
+def test_audit_guest_next_to_enforcing_guests_reaches_no_drop(tmp_path):
+    """In one table with enforcing profiles of the same kind, the audit guest's port
+    leads only to chains of its own."""
+    profs = {"p": profile("p", [guest(1, v6=True)]), "q": profile("q", [guest(2, v6=True)], mode="audit")}
+    plan = compile_plan(load_config(write_config(tmp_path, profs)), HostFacts())
+    q = (dispatch(plan, "out_dispatch", "vnet2"), dispatch(plan, "in_dispatch", "vnet2"), dispatch(plan, "nd_dispatch", "vnet2"))
+    p = (dispatch(plan, "out_dispatch", "vnet1"), dispatch(plan, "in_dispatch", "vnet1"), dispatch(plan, "nd_dispatch", "vnet1"))
+    assert q == ("a_q_out", "a_q_in", "nd_g2") and p == ("gout_inet_dom_deny", "gin_inet_dom_deny", "nd_g1")
+    assert not has_any_drop(plan, q)
+    assert has_any_drop(plan, p)
+
+
 def test_audit_log_prefix_names_the_reason(tmp_path):
     plan = compile_plan(load_config(write_config(tmp_path, {"p": profile("p", [guest(1)], mode="audit")})), HostFacts())
-    last = rules(plan, "pout_p")[-1]
-    assert last["expr"] == [{"counter": None}, {"log": {"prefix": "segguard audit p default-deny: "}}, {"accept": None}]
+    for chain in ("a_p_out", "a_p_in"):
+        last = rules(plan, chain)[-1]
+        assert last["expr"] == [{"counter": None}, {"log": {"prefix": "segguard audit p default-deny: "}}, {"accept": None}]
+    first = rules(plan, "a_p_out")[0]
+    assert first["expr"][-2:] == [{"log": {"prefix": "segguard audit p spoofed-mac: "}}, {"accept": None}]
 
 
 # ------------------------------------------------------------------ host addresses
@@ -400,18 +521,32 @@ def test_no_guarded_bridge_means_no_discovered_hypervisor_addresses(tmp_path):
     assert elems(plan, "set", "hyp4") == [] and elems(plan, "set", "hyp6") == []
 
 
-# ------------------------------------------------------------------- guest chains
+# ------------------------------------------------------------------- guest identity
+def port_keyed_sets(plan: Plan) -> list[str]:
+    """Every set whose elements start with a port (ifname first)."""
+    return [s["name"] for s in objs(plan, "set") if isinstance(s["type"], list) and s["type"][0] == "ifname"]
+
+
 def test_guest_without_ipv6_whitelists_no_ip6(tmp_path):
+    # the profile's egress peer db has an IPv6 address: g2 gets elements for it, g1 must not
     plan = compile_plan(load_config(write_config(tmp_path, {"p": profile("p", [guest(1), guest(2, v6=True)])})), HostFacts())
-    g1, g2 = rules(plan, "out_g1"), rules(plan, "out_g2")
-    assert g1[1]["expr"][0] == {"match": {"op": "!=", "left": {"payload": {"protocol": "ether", "field": "type"}}, "right": "@ethertypes_ip_arp"}}
-    assert g1[2]["expr"][0] == {"match": {"op": "!=", "left": {"meta": {"key": "protocol"}}, "right": "@ethertypes_ip_arp"}}
-    assert elems(plan, "set", "ethertypes_ip_arp") == ["ip", "arp"]
-    assert g2[1]["expr"][0]["match"]["right"] == "@ethertypes_ip_arp_ip6"
-    assert elems(plan, "set", "ethertypes_ip_arp_ip6") == ["ip", "arp", "ip6"]
-    assert "ip6" not in repr([r["expr"] for r in g1])
+    assert port_elems(plan, "port_types", "vnet1") == [["arp"], ["ip"]]
+    assert port_elems(plan, "port_types", "vnet2") == [["arp"], ["ip"], ["ip6"]]
+    assert port_elems(plan, "port_ip6", "vnet1") == []
+    assert port_elems(plan, "port_ip6", "vnet2") == [["fd00:30::1:2"]]
+    six = [n for n in port_keyed_sets(plan) if n.endswith("6")]
+    assert {"out_open6", "frag6", "port_ip6"} <= set(six)
+    assert all(port_elems(plan, n, "vnet1") == [] for n in six)
+    assert port_elems(plan, "out_open6", "vnet2") == [["fd00:30::20", "tcp", 1433]]
+    # both dispatch to the same chain: the ethertype check against port_types is what drops g1's IPv6
+    assert dispatch(plan, "out_dispatch", "vnet1") == dispatch(plan, "out_dispatch", "vnet2")
+    ethertype = rules(plan, dispatch(plan, "out_dispatch", "vnet1"))[1]
+    assert ethertype["expr"] == [
+        {"match": {"op": "!=", "left": {"concat": [{"meta": {"key": "iifname"}}, {"payload": {"protocol": "ether", "field": "type"}}]},
+                   "right": "@port_types"}}, {"counter": None}, {"drop": None}]
     chains = {c["name"] for c in objs(plan, "chain")}
     assert "nd_g2" in chains and "nd_g1" not in chains
+    assert [k for k, _ in elems(plan, "map", "nd_dispatch")] == ["vnet2"]
 
 
 def test_rules_carry_no_anonymous_sets():
@@ -424,36 +559,64 @@ def test_rules_carry_no_anonymous_sets():
 def test_ipv6_only_guest_gets_no_arp(tmp_path):
     g = {"name": "g1", "mac": "52:54:00:00:00:01", "port": "vnet1", "ipv6": ["fd00:30::1:1"]}
     plan = compile_plan(load_config(write_config(tmp_path, {"p": profile("p", [g])})), HostFacts())
-    assert rules(plan, "out_g1")[1]["expr"][0]["match"]["right"] == "ip6"
-    assert "arp" not in repr([r["expr"] for r in rules(plan, "out_g1")])
+    assert port_elems(plan, "port_types", "vnet1") == [["ip6"]]
+    assert port_elems(plan, "port_ip4", "vnet1") == []
+    assert all(port_elems(plan, n, "vnet1") == [] for n in port_keyed_sets(plan) if n.endswith("4"))
+    assert port_elems(plan, "port_ip6", "vnet1") == [["fd00:30::1:1"]]
+    assert port_elems(plan, "out_open6", "vnet1") == [["fd00:30::20", "tcp", 1433]]
 
 
 def test_guest_without_addresses_may_send_nothing(tmp_path):
     g = {"name": "g1", "mac": "52:54:00:00:00:01", "port": "vnet1"}
     plan = compile_plan(load_config(write_config(tmp_path, {"p": profile("p", [g])})), HostFacts())
-    assert [r["expr"] for r in rules(plan, "out_g1")] == [
-        [{"match": {"op": "!=", "left": {"payload": {"protocol": "ether", "field": "saddr"}}, "right": "52:54:00:00:00:01"}},
-         {"counter": None}, {"drop": None}],
-        [{"counter": None}, {"drop": None}],
-    ]
+    # its port is bound (its MAC may use it) but has no element in any other port-keyed set
+    assert [e["concat"] for e in elems(plan, "set", "bound_ports")] == [["52:54:00:00:00:01", "vnet1"]]
+    assert all(port_elems(plan, n, "vnet1") == [] for n in port_keyed_sets(plan))
+    # ... so the ethertype whitelist, before anything that accepts, drops every frame
+    rs = rules(plan, dispatch(plan, "out_dispatch", "vnet1"))
+    assert [r["expr"][0]["match"]["right"] for r in rs[:3]] == ["@bound_ports", "@port_types", "@port_types"]
+    assert all(r["expr"][0]["match"]["op"] == "!=" and r["expr"][-1] == {"drop": None} for r in rs[:3])
 
 
 def test_guest_chain_starts_with_source_mac_check():
     plan = compile_plan(load_config(LAB), lab_facts())
-    first = rules(plan, "out_scada_line4_srv")[0]
-    assert first["expr"] == [
-        {"match": {"op": "!=", "left": {"payload": {"protocol": "ether", "field": "saddr"}}, "right": "52:54:00:aa:00:02"}},
-        {"counter": None}, {"drop": None}]
+    for chain in {dispatch(plan, "out_dispatch", p) for p in ("vnet7", "vnet8")}:
+        assert rules(plan, chain)[0]["expr"] == [
+            {"match": {"op": "!=", "left": {"concat": [{"payload": {"protocol": "ether", "field": "saddr"}}, {"meta": {"key": "iifname"}}]},
+                       "right": "@bound_ports"}},
+            {"counter": None}, {"drop": None}]
+    # the guest's MAC is bound to its port and nowhere else
+    assert [e["concat"] for e in elems(plan, "set", "bound_ports")] == [
+        ["52:54:00:aa:00:01", "vnet7"], ["52:54:00:aa:00:02", "vnet8"]]
+
+
+def test_identity_checks_precede_everything_else_from_the_guest():
+    """MAC, ethertype, ARP and source addresses are checked before any rule that could
+    accept a frame (only ARP, once fully checked, is accepted among them)."""
+    plan = compile_plan(load_config(LAB), lab_facts())
+    for chain in ("gout_inet_dom_deny", "gout_inet_dom_allow"):
+        rs = rules(plan, chain)
+        first_jump = next(i for i, r in enumerate(rs) if has_expr(r, "jump"))
+        ident = rs[:first_jump]
+        keys = [s for r in ident for _, s in lookups(r)]
+        assert keys == ["bound_ports", "port_types", "port_types", "port_ip4", "bound_ports", "port_ip4", "port_ip6"]
+        accepts = [i for i, r in enumerate(ident) if r["expr"][-1] == {"accept": None}]
+        assert accepts == [6] and ident[6]["expr"][0]["match"]["right"] == "arp"
+        spoof6 = ident[8]
+        assert spoof6["comment"] == "IPv6 source is not the guest's" and spoof6["expr"][-1] == {"drop": None}
+        # neighbour advertisements go to the guest's ND-target chain through its port
+        assert ident[9]["expr"][-1] == {"vmap": {"key": {"meta": {"key": "iifname"}}, "data": "@nd_dispatch"}}
+    assert port_elems(plan, "port_ip4", "vnet7") == [["10.30.0.15"]]
+    assert port_elems(plan, "port_ip6", "vnet8") == [["fd00:30::16"]]
+    nd = rules(plan, "nd_scada_line4_srv")
+    assert nd[-1]["expr"] == [{"counter": None}, {"drop": None}] and all(r["expr"][-1] == {"return": None} for r in nd[:-1])
 
 
 # -------------------------------------------------------------------- guard rails
-ALLOW_PREFIXES = ("egress[", "ingress[", "reply:", "fragments:", "icmp errors:", "default:")
-
-
 @pytest.mark.parametrize("conntrack", [False, True])
 def test_guard_rails_come_before_every_allow_rule(conntrack):
     plan = compile_plan(load_config(LAB), lab_facts(bridge_conntrack=conntrack))
-    chains = [c["name"] for c in objs(plan, "chain") if c["name"].startswith(("pout_", "pin_"))]
+    chains = sorted({c for b in plan.bindings for c in b.chains})
     assert len(chains) == 4
     for chain in chains:
         rs = walk(plan, chain)
@@ -461,21 +624,33 @@ def test_guard_rails_come_before_every_allow_rule(conntrack):
         rails = [i for i, c in enumerate(comments) if c.startswith("guard rail:")]
         # mgmt, hypervisor, DC (block.domain) and internet (block.internet), v4 and v6
         assert len(rails) == 8, chain
-        allows = [i for i, r in enumerate(rs) if comments[i].startswith(ALLOW_PREFIXES)
-                  or (r["expr"][-1] == {"accept": None} and uses_ct(r))]
+        # every rule that lets a frame through because of the guest's policy: a lookup of
+        # a port-keyed policy set (opened flows, echo, replies, fragments, icmp errors),
+        # and conntrack's established flows
+        allows = [i for i, r in enumerate(rs) if looks_up(r, *POLICY_SETS) or (r["expr"][-1] == {"accept": None} and uses_ct(r))]
         assert allows, chain
+        assert all(rs[i]["expr"][-1] == {"accept": None} for i in allows)
         assert max(rails) < min(allows), (chain, comments)
         # the rails drop, always
         for i in rails:
             assert rs[i]["expr"][-2:] == [{"counter": None}, {"drop": None}]
+        # and they live behind an unconditional jump in the class chain itself
+        own = rules(plan, chain)
+        jump = next(i for i, r in enumerate(own) if has_expr(r, "jump"))
+        assert own[jump]["expr"][0]["jump"]["target"].startswith("common_")
+        assert not any(looks_up(r, *POLICY_SETS) for r in own[:jump])
 
 
 def test_guard_rails_follow_block_settings(tmp_path):
     prof = profile("p", [guest(1)]) + "block: {internet: false, domain: false}\n"
     plan = compile_plan(load_config(write_config(tmp_path, {"p": prof})), HostFacts())
-    rails = [r["comment"] for r in walk(plan, "pout_p") if r.get("comment", "").startswith("guard rail:")]
+    chain = dispatch(plan, "out_dispatch", "vnet1")
+    assert chain == "gout_open_deny"
+    rails = [r["comment"] for r in walk(plan, chain) if r.get("comment", "").startswith("guard rail:")]
     assert rails == ["guard rail: management"] * 2 + ["guard rail: hypervisor"] * 2
-    assert not [r for r in walk(plan, "pout_p") if r.get("comment") == "AD protocol ports (block.domain)"]
+    assert not [r for r in walk(plan, chain) if r.get("comment") == "AD protocol ports (block.domain)"]
+    rails_in = [r["comment"] for r in walk(plan, dispatch(plan, "in_dispatch", "vnet1")) if r.get("comment", "").startswith("guard rail:")]
+    assert rails_in == rails
 
 
 def test_guard_rail_sets_carry_site_addresses():
@@ -484,35 +659,48 @@ def test_guard_rail_sets_carry_site_addresses():
     assert elems(plan, "set", "mgmt6") == [{"prefix": {"addr": "fd00:250::", "len": 64}}]
     assert elems(plan, "set", "dc4") == ["10.30.0.10"] and elems(plan, "set", "dc6") == ["fd00:30::10"]
     assert elems(plan, "set", "internal6") == [{"prefix": {"addr": "fd00::", "len": 8}}]
-    rail = next(r for r in walk(plan, "pout_xp_line3") if r.get("comment") == "guard rail: internet (not in site.internal)")
+    rail = next(r for r in walk(plan, "gout_inet_dom_deny") if r.get("comment") == "guard rail: internet (not in site.internal)")
     assert rail["expr"][0] == {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "@internal4"}}
+    rail = next(r for r in walk(plan, "gin_inet_dom_deny") if r.get("comment") == "guard rail: internet (not in site.internal)")
+    assert rail["expr"][0] == {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "@internal4"}}
 
 
-def test_default_deny_and_allow_end_the_profile_chains():
+def test_default_deny_and_allow_end_the_class_chains():
     plan = compile_plan(load_config(LAB), lab_facts())
-    assert rules(plan, "pout_xp_line3")[-1] == {**rules(plan, "pout_xp_line3")[-1], "comment": "default: deny",
-                                                "expr": [{"counter": None}, {"drop": None}]}
-    assert rules(plan, "pin_scada_line4")[-1]["comment"] == "default: allow"
-    assert rules(plan, "pin_scada_line4")[-1]["expr"] == [{"accept": None}]
+    for chain in ("gout_inet_dom_deny", "gin_inet_dom_deny"):
+        assert rules(plan, chain)[-1] == {**rules(plan, chain)[-1], "comment": "default: deny",
+                                          "expr": [{"counter": None}, {"drop": None}]}
+    for chain in ("gout_inet_dom_allow", "gin_inet_dom_allow"):
+        assert rules(plan, chain)[-1]["comment"] == "default: allow"
+        assert rules(plan, chain)[-1]["expr"] == [{"accept": None}]
+    # the default applies to the profile that asked for it
+    assert dispatch(plan, "in_dispatch", "vnet7") == "gin_inet_dom_deny"   # xp-line3: deny
+    assert dispatch(plan, "in_dispatch", "vnet8") == "gin_inet_dom_allow"  # scada-line4: allow
 
 
-def test_allow_rule_matches_peer_set_and_port():
+def test_allow_rule_matches_peer_and_port():
     plan = compile_plan(load_config(LAB), lab_facts())
-    r = [r for r in rules(plan, "pin_scada_line4") if r.get("comment") == "ingress[0] from jump_hosts tcp/22,3389"]
-    assert len(r) == 2
-    v4, v6 = (x["expr"][0]["match"]["right"] for x in r)
-    ports = r[0]["expr"][1]["match"]["right"]
-    assert [x["expr"] for x in r] == [
-        [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": v4}},
-         {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": ports}},
-         {"accept": None}],
-        [{"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "saddr"}}, "right": v6}},
-         {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": ports}},
-         {"accept": None}],
-    ]
-    assert elems(plan, "set", v4[1:]) == ["10.30.0.30"] and named(plan, "set", v4[1:])["type"] == "ipv4_addr"
-    assert elems(plan, "set", v6[1:]) == ["fd00:30::30"]
-    assert elems(plan, "set", ports[1:]) == [22, 3389]
+    # scada-line4 (vnet8): ingress {from: jump_hosts, proto: tcp, ports: [22, 3389]}
+    for fam, ip, jump in ((4, "ip", "10.30.0.30"), (6, "ip6", "fd00:30::30")):
+        (r,) = [r for r in rules(plan, "gin_inet_dom_allow") if looks_up(r, f"in_open{fam}")]
+        assert r["expr"] == [
+            {"match": {"op": "==", "left": {"concat": [{"meta": {"key": "oifname"}}, {"payload": {"protocol": ip, "field": "saddr"}},
+                                                       {"meta": {"key": "l4proto"}}, {"payload": {"protocol": "th", "field": "dport"}}]},
+                       "right": f"@in_open{fam}"}},
+            {"accept": None}]
+        assert port_elems(plan, f"in_open{fam}", "vnet8") == [[jump, "tcp", 22], [jump, "tcp", 3389]]
+        assert named(plan, "set", f"in_open{fam}")["type"] == ["ifname", f"ipv{fam}_addr", "inet_proto", "inet_service"]
+        assert named(plan, "set", f"in_open{fam}")["flags"] == ["interval"]
+    assert member(plan, "in_open4", "vnet8", "10.30.0.30", "tcp", 22)
+    assert not member(plan, "in_open4", "vnet8", "10.30.0.30", "udp", 22)
+    assert not member(plan, "in_open4", "vnet8", "10.30.0.31", "tcp", 22)
+    # xp-line3 (vnet7) lets jump_hosts in on 3389 only, and the other guest's rules are not its own
+    assert member(plan, "in_open4", "vnet7", "10.30.0.30", "tcp", 3389)
+    assert not member(plan, "in_open4", "vnet7", "10.30.0.30", "tcp", 22)
+    assert port_elems(plan, "out_open4", "vnet7") == [["10.30.0.20", "tcp", 1433]]
+    assert port_elems(plan, "out_open4", "vnet8") == [["10.30.0.20", "tcp", 1433], ["10.30.0.20", "udp", 514]]
+    (out,) = [r for r in rules(plan, "gout_inet_dom_deny") if looks_up(r, "out_open4")]
+    assert lookups(out) == [(["iifname", "ip daddr", "l4proto", "th dport"], "out_open4")]
 
 
 def test_two_guests_never_share_a_dispatch_key(tmp_path):
@@ -538,14 +726,17 @@ def test_reply_mode_is_read_from_the_rules_themselves():
 # ------------------------------------------------------------------ shared chains
 def test_ad_port_guard_sits_between_egress_allows_and_stateless_replies():
     plan = compile_plan(load_config(LAB), lab_facts(bridge_conntrack=False))
-    for chain in ("pout_xp_line3", "pout_scada_line4"):
-        comments = [r.get("comment", "") for r in walk(plan, chain)]
+    for chain in ("gout_inet_dom_deny", "gout_inet_dom_allow"):
+        rs = walk(plan, chain)
+        comments = [r.get("comment", "") for r in rs]
         ad = comments.index("AD protocol ports (block.domain)")
-        egress = [i for i, c in enumerate(comments) if c.startswith("egress[")]
-        replies = [i for i, c in enumerate(comments) if c.startswith(("reply:", "icmp errors:"))]
-        assert egress and replies, chain
+        egress = [i for i, r in enumerate(rs) if looks_up(r, "out_open4", "out_open6", "out_echo4", "out_echo6")]
+        # replies from the guest: the other direction's tuples, and icmp errors
+        replies = [i for i, r in enumerate(rs) if looks_up(r, "in_open4", "in_open6", "in_echo4", "in_echo6", "out_rerr4", "out_rerr6")]
+        assert len(egress) == 4 and len(replies) == 8, chain
         assert max(egress) < ad < min(replies), (chain, comments)
         assert ad < comments.index("only TCP, UDP and ICMP (no GRE, IPIP, 6in4, ESP, SCTP...)") < min(replies)
+        assert ad < comments.index("well-known UDP tunnel ports (VXLAN, Geneve, WireGuard, OpenVPN, L2TP, IPsec NAT-T, Teredo)") < min(replies)
         assert comments[-1].startswith("default:")
 
 
@@ -559,49 +750,71 @@ def test_profile_independent_rules_exist_once_per_block_combination(tmp_path):
     # a and b share one copy; c, d one each; the audit profile e its own: 4 out + 4 in chains
     assert sorted({r["chain"] for r in rails}) == sorted(
         [f"common_{d}_{t}" for d in ("out", "in") for t in ("inet_dom", "dom", "open")] + ["a_e_common_out_inet_dom", "a_e_common_in_inet_dom"])
-    assert [r["expr"][0] for r in rules(plan, "pout_a")][:1] == [{"jump": {"target": "common_out_inet_dom"}}]
-    assert rules(plan, "pout_a")[0]["expr"] == rules(plan, "pout_b")[0]["expr"]
-    assert rules(plan, "pout_e")[0]["expr"] == [{"jump": {"target": "a_e_common_out_inet_dom"}}]
+    # a and b (same block, default, mode) share their class chains too
+    out = {n: dispatch(plan, "out_dispatch", f"vnet{i + 1}") for i, n in enumerate(blocks)}
+    assert out == {"a": "gout_inet_dom_deny", "b": "gout_inet_dom_deny", "c": "gout_dom_deny", "d": "gout_open_deny"}
+    assert dispatch(plan, "out_dispatch", "vnet9") == "a_e_out"
+
+    def jumps(chain):
+        return [r["expr"][0]["jump"]["target"] for r in rules(plan, chain) if has_expr(r, "jump")]
+
+    assert jumps("gout_inet_dom_deny")[0] == "common_out_inet_dom"
+    assert jumps("a_e_out")[0] == "a_e_common_out_inet_dom"
+    assert all(j.startswith("a_e_common_") for j in jumps("a_e_out") + jumps("a_e_in"))
+    assert not any(j.startswith("a_") for c in out.values() for j in jumps(c))
     # the audit copies log under the audit profile's name and never drop
     for r in rules(plan, "a_e_common_out_inet_dom"):
         assert not has_expr(r, "drop")
     assert any("segguard audit e " in repr(r["expr"]) for r in rules(plan, "a_e_common_frag"))
     # what d (no domain block) walks has neither the DC rail nor the AD-port guard
-    d = [r.get("comment", "") for r in walk(plan, "pout_d")]
+    d = [r.get("comment", "") for r in walk(plan, out["d"])]
     assert "AD protocol ports (block.domain)" not in d and "guard rail: domain controller" not in d
-    assert "guard rail: domain controller" in [r.get("comment", "") for r in walk(plan, "pout_c")]
+    c = [r.get("comment", "") for r in walk(plan, out["c"])]
+    assert "guard rail: domain controller" in c and "AD protocol ports (block.domain)" in c
+    assert "guard rail: internet (not in site.internal)" not in c
 
 
-def test_rules_naming_the_same_peers_share_their_sets(tmp_path):
-    """Peer and port sets are named after their content: every rule of every profile
-    naming the same peers uses one set, so the set count does not grow with guests."""
-    def peer_refs(plan, chain, text):
-        return {r["expr"][0]["match"]["right"] for r in rules(plan, chain)
-                if r.get("comment", "").startswith("egress[") and text in r["comment"]}
-
-    plan = compile_plan(load_config(LAB), lab_facts(bridge_conntrack=False))
-    # egress[0..2] of scada-line4 and egress[0] of xp-line3 all go to historian_db
-    hist = peer_refs(plan, "pout_scada_line4", "to historian_db")
-    assert len(hist) == 2 and hist == peer_refs(plan, "pout_xp_line3", "to historian_db")
-    assert {elems(plan, "set", h[1:])[0] for h in hist} == {"10.30.0.20", "fd00:30::20"}
-    many = {f"p{i}": profile(f"p{i}", [guest(i, v6=True)]) for i in range(1, 40)}
-    big = compile_plan(load_config(write_config(tmp_path, many)), HostFacts())
+def test_rules_do_not_grow_with_guests_or_profiles(tmp_path):
+    """The rules are the same for one profile or twenty distinct ones of the same kind
+    (block, default, mode): their allow rules are elements keyed by port, not rules.
+    Only the per-guest ND-target chains (IPv6 guests) grow."""
+    many = {f"p{i}": profile(f"p{i}", [guest(i, v6=True)],
+                             egress=f"  - {{to: db, proto: tcp, ports: [{1000 + i}]}}\n  - {{to: [10.30.{i}.0/24], proto: udp, ports: [{2000 + i}]}}\n",
+                             ingress=f"  - {{from: jump, proto: tcp, ports: [{3000 + i}]}}\n")
+            for i in range(1, 21)}
+    big = compile_plan(load_config(write_config(tmp_path / "big", many)), HostFacts())
     few = compile_plan(load_config(write_config(tmp_path / "few", {"p1": many["p1"]})), HostFacts())
-    assert len(objs(big, "set")) == len(objs(few, "set"))
+
+    def shape(plan):
+        rs = [{**r, "comment": r.get("comment")} for r in objs(plan, "rule") if not r["chain"].startswith("nd_")]
+        chains = [c["name"] for c in objs(plan, "chain") if not c["name"].startswith(("nd_", "in_vnet"))]
+        return rs, chains, [s["name"] for s in objs(plan, "set")]
+
+    assert shape(big) == shape(few)
+    assert len([c for c in objs(big, "chain") if c["name"].startswith("nd_")]) == 20
+    # ... and each profile's own policy is in the elements of its port
+    assert len(elems(big, "set", "out_open4")) == 40 and len(elems(few, "set", "out_open4")) == 2
+    for i in (1, 7, 20):
+        assert port_elems(big, "out_open4", f"vnet{i}") == [
+            ["10.30.0.20", "tcp", 1000 + i], [{"prefix": {"addr": f"10.30.{i}.0", "len": 24}}, "udp", 2000 + i]]
+        assert port_elems(big, "in_open4", f"vnet{i}") == [["10.30.0.30", "tcp", 3000 + i]]
+        assert not member(big, "out_open4", f"vnet{i}", "10.30.0.20", "tcp", 1001 + i)
 
 
 def test_reachable_names_what_a_guest_policy_uses():
     from segguard.compile.nft import reachable
 
     plan = compile_plan(load_config(LAB), lab_facts(bridge_conntrack=False))
-    chains, sets = reachable(list(plan.nft), {"out_scada_line4_srv", "pin_scada_line4"})
-    assert {"out_scada_line4_srv", "nd_scada_line4_srv", "pout_scada_line4", "pin_scada_line4",
+    scada = next(b for b in plan.bindings if b.guest == "scada-line4-srv")
+    chains, sets = reachable(list(plan.nft), set(scada.chains))
+    assert {"gout_inet_dom_allow", "gin_inet_dom_allow", "nd_scada_line4_srv",
             "common_out_inet_dom", "common_in_inet_dom", "common_frag", "common_out_post_dom"} == chains
-    # the guard-rail sets and the shared peer sets its rules name, nobody else's
-    assert {"mgmt4", "hyp6", "dc4", "internal6", "ad_ports"} <= sets
-    peer = next(r for r in rules(plan, "pout_scada_line4") if r.get("comment", "").startswith("egress[0]"))
-    assert peer["expr"][0]["match"]["right"][1:] in sets
-    assert not any(c.startswith(("out_xp", "pout_xp", "pin_xp")) for c in chains)
-    # from a base chain, every guest's chains hang off the dispatch map
+    # the guard-rail sets and the port-keyed policy sets its rules look up
+    assert {"mgmt4", "hyp6", "dc4", "internal6", "ad_ports", "bound_ports", "port_types", "port_ip4", "port_ip6",
+            "out_open4", "in_open6", "frag4", "out_rerr6", "nd_dispatch"} <= sets
+    assert not any(c.endswith("_deny") for c in chains), "xp-line3's chains are not scada-line4's"
+    # from a base chain, every guest's chains hang off the dispatch maps
     chains, _ = reachable(list(plan.nft), {"prerouting"})
-    assert {"out_xp_line3_hmi", "out_scada_line4_srv", "pout_xp_line3", "common_out_inet_dom"} <= chains
+    assert {"gout_inet_dom_deny", "gout_inet_dom_allow", "nd_scada_line4_srv", "common_out_inet_dom"} <= chains
+    chains, _ = reachable(list(plan.nft), {"forward"})
+    assert {"gin_inet_dom_deny", "gin_inet_dom_allow", "common_in_inet_dom"} <= chains
