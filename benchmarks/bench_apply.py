@@ -25,7 +25,7 @@ import time
 
 from benchmarks import common as c
 
-DEFAULT_MATRIX = {"per-guest": [10, 100, 200, 1000], "shared": [10, 100, 1000]}
+DEFAULT_MATRIX = {"per-guest": [10, 100, 200, 1000, 5000], "shared": [10, 100, 1000]}
 
 
 

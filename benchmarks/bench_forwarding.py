@@ -2,16 +2,16 @@
 throughput (iperf3, TCP) and request/response latency (1-byte TCP ping-pong, p50/p99),
 for three configurations of the same bridge, interleaved round by round:
   none      no nftables table at all
-  segguard  segguard's table: dispatch by port through verdict maps
+  segguard  segguard's table: dispatch by port through a verdict map to the profile
+            kind's chain, each allow one lookup in a port-keyed set
   naive     the foil: one linear chain of per-guest rules (22 per guest), the last
             guest's rules at the end, as a per-guest-rules design would be
 Namespaces: sgb-fhv (bridge br0), sgb-fcli (the sender, a jump host the profile admits
 on tcp/5201 and tcp/3389), sgb-fsrv (guest g00999 on port vnet999). Offloads (TSO, GSO,
 GRO, checksums, SG) are off on every veth end, so the filter sees every packet as sent.
 
-The 1,000 guests share one profile (per-guest identity chains, dispatch entries and
-MAC bindings for each): with one profile per guest the table takes tens of minutes to
-load today (see bench_apply); the per-packet path is the same, a map lookup by port."""
+The 1,000 guests share one profile; with one profile per guest the table is the same
+(per-guest policy is elements keyed by port either way), so the per-packet path is too."""
 from __future__ import annotations
 
 import argparse
