@@ -34,7 +34,7 @@ from segguard.compile import fragments as f
 from segguard.config.schema import AD_PORTS
 from segguard.config.validate import Config, LoadedProfile, ResolvedRule
 from segguard.host import HostFacts
-from segguard.compile.policy import PortPolicy, port_elements, port_set_types
+from segguard.compile.policy import EXACT_SUFFIX, INTERVAL_SETS, PortPolicy, port_elements, port_set_types
 from segguard.plan import Binding
 
 PRIO = -190  # just after bridge conntrack (-200), so `ct state` is valid in every chain
@@ -377,15 +377,22 @@ def _class_chains(t: _Table, prof, out_c: str, in_c: str, shared: _Shared, state
         def key(fam: int, *rest: Any) -> dict[str, Any]:
             return f.concat(port, f.payload(ip[fam], field), *rest)
 
+        def both(c: str, exprs: list[dict[str, Any]], comment: str | None = None) -> None:
+            """A lookup in a port-keyed set is two rules: its single values in a hash
+            set (one probe, whatever the fleet's size), its prefixes and ranges in an
+            interval set (nftables' pipapo, whose lookup cost grows with its size)."""
+            for suffix in (EXACT_SUFFIX, ""):
+                t.rule(c, [_in_set(e, suffix) for e in exprs], comment)
+
         for fam in (4, 6):
             frag = (f.match(f.bitand(f.payload("ip", "frag-off"), 0x3FFF), 0, "!=") if fam == 4 else f.exthdr_exists("frag"))
-            t.rule(c, [frag, f.match(key(fam), f"@frag{fam}"), f.ACCEPT], "fragments: to/from the peers of UDP rules")
+            both(c, [frag, f.match(key(fam), f"@frag{fam}"), f.ACCEPT], "fragments: to/from the peers of UDP rules")
         t.rule(c, [f.jump(shared.fragments(v))])
         new = [f.ct_state("new")] if stateful else []
         for fam in (4, 6):
-            t.rule(c, [f.match(key(fam, f.meta("l4proto"), f.payload("th", "dport")), f"@{d}_open{fam}"), *new, f.ACCEPT],
+            both(c, [f.match(key(fam, f.meta("l4proto"), f.payload("th", "dport")), f"@{d}_open{fam}"), *new, f.ACCEPT],
                    f"flows the profile lets {'the guest open' if d == 'out' else 'its peers open'} (tcp/udp)")
-            t.rule(c, [f.match(f.payload(icmp[fam], "type"), "echo-request"), f.match(key(fam), f"@{d}_echo{fam}"), *new, f.ACCEPT],
+            both(c, [f.match(f.payload(icmp[fam], "type"), "echo-request"), f.match(key(fam), f"@{d}_echo{fam}"), *new, f.ACCEPT],
                    "echo requests the profile allows")
         if d == "out":
             t.rule(c, [f.jump(shared.out_post(prof, v))], "AD ports, tunnels")
@@ -399,15 +406,22 @@ def _class_chains(t: _Table, prof, out_c: str, in_c: str, shared: _Shared, state
                 # (written as the kernel lists them back: `tcp sport` implies l4proto tcp)
                 def reply(proto: str) -> dict[str, Any]:
                     return f.match(key(fam, f.meta("l4proto"), f.payload(proto, "sport")), f"@{other}_open{fam}")
-                t.rule(c, [f.match(f.bitand(f.payload("tcp", "flags"), "ack"), "ack"), reply("tcp"), f.ACCEPT], "replies: tcp (ACK set)")
-                t.rule(c, [reply("udp"), f.ACCEPT], "replies: udp")
-                t.rule(c, [f.match(f.payload(icmp[fam], "type"), "echo-reply"), f.match(key(fam), f"@{other}_echo{fam}"), f.ACCEPT],
+                both(c, [f.match(f.bitand(f.payload("tcp", "flags"), "ack"), "ack"), reply("tcp"), f.ACCEPT], "replies: tcp (ACK set)")
+                both(c, [reply("udp"), f.ACCEPT], "replies: udp")
+                both(c, [f.match(f.payload(icmp[fam], "type"), "echo-reply"), f.match(key(fam), f"@{other}_echo{fam}"), f.ACCEPT],
                        "replies: echo")
                 errors = ICMP_ERRORS4 if fam == 4 else ICMP_ERRORS6
                 errs = t.const(f"icmp{'' if fam == 4 else 'v6'}_errors", "icmp_type" if fam == 4 else "icmpv6_type", errors)
-                t.rule(c, [f.match(f.payload(icmp[fam], "type"), errs), f.match(key(fam), f"@{d}_rerr{fam}"), f.ACCEPT],
+                both(c, [f.match(f.payload(icmp[fam], "type"), errs), f.match(key(fam), f"@{d}_rerr{fam}"), f.ACCEPT],
                        "icmp errors about the flows the other side opened")
         t.rule(c, last, f"default: {prof.default}")
+
+
+def _in_set(expr: dict[str, Any], suffix: str) -> dict[str, Any]:
+    m = expr.get("match")
+    if m and isinstance(m.get("right"), str) and m["right"].startswith("@") and m["right"][1:] in INTERVAL_SETS:
+        return {"match": {**m, "right": m["right"] + suffix}}
+    return expr
 
 
 def _guard_rails(t: _Table, c: str, block, sets, field: str, v: _Verdicts) -> None:

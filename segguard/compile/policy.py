@@ -32,24 +32,41 @@ _KINDS = {
 _STATELESS_ONLY = ("rerr",)
 
 
+EXACT_SUFFIX = "_x"
+
+
 def port_set_types(stateful: bool) -> dict[str, tuple[list[str], bool]]:
-    """Every port-keyed set of the table with its type, in a fixed order."""
+    """Every port-keyed set of the table with its type, in a fixed order. Each policy
+    set comes twice: `<name>` (interval: prefixes, ranges) and `<name>_x` (hash: single
+    addresses and ports, most of a real profile), so most lookups are one hash probe."""
     out: dict[str, tuple[list[str], bool]] = {
         "port_types": (["ifname", "ether_type"], False),
         "port_ip4": (["ifname", "ipv4_addr"], False),
         "port_ip6": (["ifname", "ipv6_addr"], False),
+    }
+    policy: dict[str, list[str]] = {
         # fragments carry no ports (or too few bytes of them), so no port rule can
         # judge them: to/from peers of the profile's UDP rules, either direction
-        "frag4": (["ifname", "ipv4_addr"], True),
-        "frag6": (["ifname", "ipv6_addr"], True),
+        "frag4": ["ifname", "ipv4_addr"],
+        "frag6": ["ifname", "ipv6_addr"],
     }
     for d in ("out", "in"):
         for kind, parts in _KINDS.items():
             if stateful and kind in _STATELESS_ONLY:
                 continue
             for fam in (4, 6):
-                out[f"{d}_{kind}{fam}"] = (["ifname", *(p.format(addr=f"ipv{fam}_addr") for p in parts)], True)
+                policy[f"{d}_{kind}{fam}"] = ["ifname", *(p.format(addr=f"ipv{fam}_addr") for p in parts)]
+    for name, type_ in policy.items():
+        out[name + EXACT_SUFFIX] = (type_, False)
+        out[name] = (type_, True)
     return out
+
+
+INTERVAL_SETS = frozenset(n for n, (_, interval) in port_set_types(stateful=False).items() if interval)
+
+
+def _family(name: str) -> int:
+    return int(name.removesuffix(EXACT_SUFFIX)[-1])
 
 
 def _addr(lo: int, hi: int, fam: int) -> Any:
@@ -114,7 +131,8 @@ class PortPolicy:
         elems: dict[str, list[tuple[Any, ...]]] = {}
 
         def put(name: str, parts: tuple[Any, ...]) -> None:
-            elems.setdefault(name, []).append(parts)
+            exact = not any(isinstance(p, dict) for p in parts)
+            elems.setdefault(name + EXACT_SUFFIX if exact else name, []).append(parts)
 
         for fam in (4, 6):
             for lo, hi in _union([r for r in (*lp.egress, *lp.ingress) if r.proto == "udp"], fam):
@@ -144,7 +162,7 @@ def port_elements(ported, templates: dict[str, PortPolicy]) -> dict[str, list[An
         out.setdefault("port_ip4", []).extend({"concat": [b.port, a]} for a in sorted(b.ipv4, key=netaddr.IPAddress))
         out.setdefault("port_ip6", []).extend({"concat": [b.port, a]} for a in sorted(b.ipv6, key=netaddr.IPAddress))
         for name, tuples in templates[b.profile].elems.items():
-            if not (b.ipv4 if name.endswith("4") else b.ipv6):
+            if not (b.ipv4 if _family(name) == 4 else b.ipv6):
                 continue  # the port drops that family before any lookup
             out.setdefault(name, []).extend({"concat": [b.port, *parts]} for parts in tuples)
     return out

@@ -38,8 +38,8 @@ def test_a_tap_appearing_is_element_additions_only(config):
     assert ["vnet8", {"jump": {"target": "nd_scada_line4_srv"}}] in adds["nd_dispatch"]
     assert {"concat": ["52:54:00:aa:00:02", "vnet8"]} in adds["bound_ports"]
     # its profile's policy arrives as elements keyed by its port, nothing else
-    assert {"concat": ["vnet8", "10.30.0.20", "tcp", 1433]} in adds["out_open4"]
-    assert {"concat": ["vnet8", "fd00:30::30", "tcp", 22]} in adds["in_open6"]
+    assert {"concat": ["vnet8", "10.30.0.20", "tcp", 1433]} in adds["out_open4_x"]
+    assert {"concat": ["vnet8", "fd00:30::30", "tcp", 22]} in adds["in_open6_x"]
     assert {"concat": ["vnet8", "10.30.0.16"]} in adds["port_ip4"]
     assert all(e["concat"][0] == "vnet8" if isinstance(e, dict) and name != "bound_ports" else True
                for name, elems in d.add for e in elems)
@@ -88,8 +88,8 @@ def test_a_profile_edit_is_element_changes_only(config, tmp_path):
     assert d is not None and not d.empty
     touched = {e["concat"][0] for _, elems in (*d.add, *d.delete) for e in elems}
     assert touched == {"vnet7"}  # xp-line3's guest only
-    assert {"concat": ["vnet7", "10.30.0.30", "tcp", 3390]} in dict(d.add)["in_open4"]
-    assert {"concat": ["vnet7", "10.30.0.30", "tcp", 3389]} in dict(d.delete)["in_open4"]
+    assert {"concat": ["vnet7", "10.30.0.30", "tcp", 3390]} in dict(d.add)["in_open4_x"]
+    assert {"concat": ["vnet7", "10.30.0.30", "tcp", 3389]} in dict(d.delete)["in_open4_x"]
 
 
 def test_guest_view_ignores_other_guests_elements(config):

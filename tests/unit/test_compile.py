@@ -11,6 +11,7 @@ import netaddr
 import pytest
 
 from segguard.compile import compile_plan
+from segguard.compile.policy import EXACT_SUFFIX, INTERVAL_SETS
 from segguard.config.validate import load_config
 from segguard.host import BridgeFact, HostFacts, PortFact
 from segguard.plan import Plan
@@ -96,6 +97,10 @@ def named(plan: Plan, kind: str, name: str) -> dict:
 
 
 def elems(plan: Plan, kind: str, name: str) -> list:
+    """A set's elements; a port-keyed policy set is two halves (`name`: prefixes and
+    ranges, `name_x`: single values), read here as the one set they are."""
+    if kind == "set" and name in INTERVAL_SETS:
+        return named(plan, kind, name).get("elem", []) + named(plan, kind, name + EXACT_SUFFIX).get("elem", [])
     return named(plan, kind, name).get("elem", [])
 
 
@@ -144,7 +149,7 @@ def lookups(rule: dict) -> list[tuple[list[str], str]]:
     for e in rule["expr"]:
         m = e.get("match")
         if m and isinstance(m["right"], str) and m["right"].startswith("@") and "concat" in m["left"]:
-            out.append(([_field(p) for p in m["left"]["concat"]], m["right"][1:]))
+            out.append(([_field(p) for p in m["left"]["concat"]], m["right"][1:].removesuffix(EXACT_SUFFIX)))
     return out
 
 
@@ -391,7 +396,7 @@ def test_stateful_uses_ct_state_and_no_reply_rules():
     # every allow rule of a profile (flows and echo requests it opens) matches only new flows
     allow = [r for r in all_rules if looks_up(r, "out_open4", "out_open6", "in_open4", "in_open6",
                                               "out_echo4", "out_echo6", "in_echo4", "in_echo6")]
-    assert len(allow) == 4 * 4  # 2 kinds of profile x (out, in) x (open, echo) x (v4, v6)
+    assert len(allow) == 4 * 4 * 2  # 2 kinds of profile x (out, in) x (open, echo) x (v4, v6) x 2 halves
     assert all({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}} in r["expr"] for r in allow)
 
 
@@ -412,16 +417,16 @@ def test_stateless_uses_reply_rules_and_no_ct():
             # source port, looked up in the other direction's own set
             tcp = [r for r in rs if any(k == [port[d], peer[d, fam], "l4proto", "tcp sport"] for k, _ in lookups(r))]
             udp = [r for r in rs if any(k == [port[d], peer[d, fam], "l4proto", "udp sport"] for k, _ in lookups(r))]
-            assert len(tcp) == len(udp) == 1, (chain, fam)
+            assert len(tcp) == len(udp) == 2, (chain, fam)  # one rule per half of the set
             assert lookups(tcp[0])[0][1] == lookups(udp[0])[0][1] == f"{other}_open{fam}"
             # a TCP reply must carry ACK (a bare SYN from the service port is not a reply)
             assert ack in tcp[0]["expr"] and tcp[0]["expr"][-1] == {"accept": None}
             assert not has_expr(udp[0], "&")
             icmp = "icmp" if fam == 4 else "icmpv6"
             echo = [r for r in rs if {"match": {"op": "==", "left": {"payload": {"protocol": icmp, "field": "type"}}, "right": "echo-reply"}} in r["expr"]]
-            assert len(echo) == 1 and lookups(echo[0]) == [([port[d], peer[d, fam]], f"{other}_echo{fam}")]
+            assert len(echo) == 2 and lookups(echo[0]) == lookups(echo[1]) == [([port[d], peer[d, fam]], f"{other}_echo{fam}")]
             errs = [r for r in rs if looks_up(r, f"{d}_rerr{fam}")]
-            assert len(errs) == 1 and errs[0]["expr"][-1] == {"accept": None}
+            assert len(errs) == 2 and errs[0]["expr"][-1] == errs[1]["expr"][-1] == {"accept": None}
             reply_sets[chain, fam] = lookups(tcp[0])[0][1]
     # xp-line3 (vnet7): egress tcp/1433 to historian_db; ingress tcp/3389 from jump_hosts
     s_in, s_out = reply_sets["gin_inet_dom_deny", 4], reply_sets["gout_inet_dom_deny", 4]
@@ -682,12 +687,13 @@ def test_allow_rule_matches_peer_and_port():
     plan = compile_plan(load_config(LAB), lab_facts())
     # scada-line4 (vnet8): ingress {from: jump_hosts, proto: tcp, ports: [22, 3389]}
     for fam, ip, jump in ((4, "ip", "10.30.0.30"), (6, "ip6", "fd00:30::30")):
-        (r,) = [r for r in rules(plan, "gin_inet_dom_allow") if looks_up(r, f"in_open{fam}")]
-        assert r["expr"] == [
+        halves = [r for r in rules(plan, "gin_inet_dom_allow") if looks_up(r, f"in_open{fam}")]
+        assert [r["expr"] for r in halves] == [[
             {"match": {"op": "==", "left": {"concat": [{"meta": {"key": "oifname"}}, {"payload": {"protocol": ip, "field": "saddr"}},
                                                        {"meta": {"key": "l4proto"}}, {"payload": {"protocol": "th", "field": "dport"}}]},
-                       "right": f"@in_open{fam}"}},
-            {"accept": None}]
+                       "right": f"@in_open{fam}{x}"}},
+            {"accept": None}] for x in (EXACT_SUFFIX, "")]
+        assert named(plan, "set", f"in_open{fam}{EXACT_SUFFIX}").get("flags") is None  # single values: a hash
         assert port_elems(plan, f"in_open{fam}", "vnet8") == [[jump, "tcp", 22], [jump, "tcp", 3389]]
         assert named(plan, "set", f"in_open{fam}")["type"] == ["ifname", f"ipv{fam}_addr", "inet_proto", "inet_service"]
         assert named(plan, "set", f"in_open{fam}")["flags"] == ["interval"]
@@ -699,8 +705,8 @@ def test_allow_rule_matches_peer_and_port():
     assert not member(plan, "in_open4", "vnet7", "10.30.0.30", "tcp", 22)
     assert port_elems(plan, "out_open4", "vnet7") == [["10.30.0.20", "tcp", 1433]]
     assert port_elems(plan, "out_open4", "vnet8") == [["10.30.0.20", "tcp", 1433], ["10.30.0.20", "udp", 514]]
-    (out,) = [r for r in rules(plan, "gout_inet_dom_deny") if looks_up(r, "out_open4")]
-    assert lookups(out) == [(["iifname", "ip daddr", "l4proto", "th dport"], "out_open4")]
+    for out in [r for r in rules(plan, "gout_inet_dom_deny") if looks_up(r, "out_open4")]:
+        assert lookups(out) == [(["iifname", "ip daddr", "l4proto", "th dport"], "out_open4")]
 
 
 def test_two_guests_never_share_a_dispatch_key(tmp_path):
@@ -733,7 +739,7 @@ def test_ad_port_guard_sits_between_egress_allows_and_stateless_replies():
         egress = [i for i, r in enumerate(rs) if looks_up(r, "out_open4", "out_open6", "out_echo4", "out_echo6")]
         # replies from the guest: the other direction's tuples, and icmp errors
         replies = [i for i, r in enumerate(rs) if looks_up(r, "in_open4", "in_open6", "in_echo4", "in_echo6", "out_rerr4", "out_rerr6")]
-        assert len(egress) == 4 and len(replies) == 8, chain
+        assert len(egress) == 4 * 2 and len(replies) == 8 * 2, chain  # each lookup: two halves
         assert max(egress) < ad < min(replies), (chain, comments)
         assert ad < comments.index("only TCP, UDP and ICMP (no GRE, IPIP, 6in4, ESP, SCTP...)") < min(replies)
         assert ad < comments.index("well-known UDP tunnel ports (VXLAN, Geneve, WireGuard, OpenVPN, L2TP, IPsec NAT-T, Teredo)") < min(replies)
@@ -795,8 +801,8 @@ def test_rules_do_not_grow_with_guests_or_profiles(tmp_path):
     # ... and each profile's own policy is in the elements of its port
     assert len(elems(big, "set", "out_open4")) == 40 and len(elems(few, "set", "out_open4")) == 2
     for i in (1, 7, 20):
-        assert port_elems(big, "out_open4", f"vnet{i}") == [
-            ["10.30.0.20", "tcp", 1000 + i], [{"prefix": {"addr": f"10.30.{i}.0", "len": 24}}, "udp", 2000 + i]]
+        assert sorted(map(str, port_elems(big, "out_open4", f"vnet{i}"))) == sorted(map(str, [
+            ["10.30.0.20", "tcp", 1000 + i], [{"prefix": {"addr": f"10.30.{i}.0", "len": 24}}, "udp", 2000 + i]]))
         assert port_elems(big, "in_open4", f"vnet{i}") == [["10.30.0.30", "tcp", 3000 + i]]
         assert not member(big, "out_open4", f"vnet{i}", "10.30.0.20", "tcp", 1001 + i)
 
