@@ -196,7 +196,7 @@ def test_libvirt_style_tap_is_bound_and_a_burst_from_its_first_frame_never_reach
     assert [NEW_PORT, {"goto": {"target": "gin_inet_dom_deny"}}] in elems(table, "in_dispatch")
     # and its policy: elements keyed by its port in the fleet-wide sets
     assert any(e["concat"][0] == NEW_PORT for e in elems(table, "port_ip4"))
-    assert any(e["concat"][0] == NEW_PORT for e in elems(table, "out_open4"))
+    assert any(e["concat"][0] == NEW_PORT for e in elems(table, "out_open4") + elems(table, "out_open4_x"))
     assert {"concat": [NEW_MAC, NEW_PORT]} in elems(table, "bound_ports")
     applied = [l for l in agent.logs() if l["event"] == "applied" and "link-new" in l.get("reasons", [])]
     assert applied and applied[-1]["kind"] == "incremental", applied
