@@ -1,18 +1,19 @@
-"""Bind and unbind one port without replacing the table: element updates of the three
-dispatch objects, in one transaction, then the same exact read-back as a full apply.
+"""Change the table by elements, not by replacing it: binding or unbinding a port,
+editing a profile's rules or a guest's addresses, in one transaction.
 
-Every guest's chains exist in the plan whether or not it is bound (compile/nft.py), so
-binding a tap only adds `port -> goto out_<guest>` / `port -> goto pin_<profile>` and
-`(mac, port)`; unbinding deletes them. Nothing is flushed: until the transaction
-commits the old elements judge every frame, after it the new ones do, and an unbound
-guest's MAC is dropped by `legacy_macs` on every port in between.
+The table's rules are the same whatever the guests (compile/nft.py): binding a tap adds
+its dispatch elements (`port -> goto gout_<kind>`, ...), `(mac, port)` and its policy
+elements in the port-keyed sets (compile/policy.py); unbinding deletes them; a profile
+edit replaces the changed elements of its ports. Nothing is flushed: until the
+transaction commits the old elements judge every frame, after it the new ones do, and
+an unbound guest's MAC is dropped by `legacy_macs` on every port in between. Anything
+beyond elements (a new kind of profile, an ND chain) needs the full replace.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,16 @@ from segguard.plan import Plan
 # reply sets; `_split` takes the ones a plan holds.
 ELEMENT_OBJECTS = ("legacy_macs", "audit_macs", "out_dispatch", "in_dispatch", "nd_dispatch", "bound_ports",
                    *port_set_types(stateful=False))
+
+
+# Objects whose missing element can only drop more: identity (`!= @set drop`) and
+# policy (`@set accept`) sets. A bind's read-back lists the others -- the dispatch maps
+# (a port missing there meets no chain of ours) and the MAC sets (a MAC missing there
+# is not dropped on foreign ports) -- each one element per guest. These fleet-wide sets
+# hold ~50 elements per guest: listing them (or `get element`, which makes libnftables
+# fetch every set's elements first) cost 0.2-2.6 s at 1,000 guests, so a bind leaves
+# them to the whole-table drift check that follows every full road and runs periodically.
+FAILS_CLOSED = frozenset({"bound_ports", *port_set_types(stateful=False)})
 
 
 def _key(value: Any) -> str:
@@ -179,16 +190,16 @@ def apply_delta(plan: Plan, delta: ElementDelta, nft: Nft | None = None) -> None
 
 # ---- one guest's binding, without the whole table ------------------------------------
 #
-# A tap appearing or going changes only the dispatch elements of its port and the
-# port's netdev chain. The reconciler compiles just the guests whose binding changed
-# (before and after, the same sub-config), diffs those two small slices, sends the
-# delta, and reads back only the three dispatch objects and the touched netdev chains:
-# neither the compile nor the read-back grows with the number of guests configured.
+# A tap appearing or going changes only the elements of its port and the port's netdev
+# chain. The reconciler compiles just the guests whose binding changed (before and
+# after, the same sub-config), diffs those two small slices, sends the delta, and reads
+# back the dispatch maps and MAC sets it wrote (FAILS_CLOSED) and the touched netdev
+# chains: the compile does not grow with the number of guests configured.
 
 @dataclass
 class LiveElements:
     """What the kernel holds in the objects a binding changes: every element of the
-    three dispatch objects (by canonical key) and every netdev port chain (its objects
+    port-keyed sets and maps (by canonical key) and every netdev port chain (its objects
     in order). Kept next to the last full plan, so that plan need not be rebuilt per tap."""
 
     kind: dict[str, str]
@@ -295,16 +306,13 @@ def rebind_delta(before: list[dict[str, Any]], after: list[dict[str, Any]], live
 def read_back_elements(nft: Nft, table: str, live: LiveElements, delta: ElementDelta) -> list[str]:
     """Compare the dispatch objects and the port chains `delta` touched with `live`
     (which already has `delta` applied). Returns what differs ([] when exact). Reads
-    the objects the transaction wrote and a chain per touched port, not the table."""
+    the dispatch maps and MAC sets the transaction wrote and a chain per touched port,
+    not the table (FAILS_CLOSED says why not the policy sets)."""
     problems: list[str] = []
     touched = {name for name, elems in (*delta.delete, *delta.add) if elems}
     for name, kind in live.kind.items():
-        if name not in touched:
-            continue  # not written by this transaction (whole-table drift checks cover it)
-        found = _point_lookups(nft, table, name, kind, delta)
-        if found is not None:
-            problems += found
-            continue
+        if name not in touched or name in FAILS_CLOSED:
+            continue  # not written now, or verified by the next whole-table check
         rc, out, err = nft.raw({"nftables": [{"list": {kind: {"family": "bridge", "table": table, "name": name}}}]})
         if rc != 0:
             problems.append(f"{kind} {name}: cannot list: {err.strip()}")
@@ -335,98 +343,3 @@ def read_back_elements(nft: Nft, table: str, live: LiveElements, delta: ElementD
             problems.append(f"netdev chain {chain}: differs from the plan")
     return problems
 
-
-# ---- read-back of single elements ------------------------------------------------------
-#
-# The port-keyed sets are fleet-wide: listing one to check the 30 elements a tap added
-# costs as much as the fleet is big (0.25 s for a set of 10,000 elements). The kernel
-# answers `get element` with the element that holds a key, so each added element is
-# asked for and must come back exactly as written, and each deleted one must be gone
-# (nothing, or another element, holds its key): the read-back of a delta then costs as
-# much as the delta.
-
-def _key_types(name: str) -> list[str] | None:
-    if name in ("out_dispatch", "in_dispatch", "nd_dispatch"):
-        return ["ifname"]
-    if name == "bound_ports":
-        return ["ether_addr", "ifname"]
-    if name in ("legacy_macs", "audit_macs"):
-        return ["ether_addr"]
-    types = port_set_types(stateful=False).get(name)
-    return types[0] if types else None
-
-
-_SAFE = re.compile(r"^[A-Za-z0-9_.:/-]+$")
-
-
-def _text_value(value: Any, type_: str) -> str | None:
-    """One element component as nft prints it; None if it is not a shape we render."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        text = str(value)
-    elif isinstance(value, str):
-        text = value
-    elif isinstance(value, dict) and set(value) == {"prefix"}:
-        text = f'{value["prefix"]["addr"]}/{value["prefix"]["len"]}'
-    elif isinstance(value, dict) and set(value) == {"range"}:
-        text = f"{value['range'][0]}-{value['range'][1]}"
-    else:
-        return None
-    if not _SAFE.match(text):
-        return None  # never put anything but plain names, addresses and numbers in a command
-    return f'"{text}"' if type_ == "ifname" else text
-
-
-def _text_elem(name: str, kind: str, elem: Any, key_only: bool = False) -> str | None:
-    types = _key_types(name)
-    if types is None:
-        return None
-    key, verdict = (elem[0], elem[1]) if kind == "map" and not key_only else (elem, None)
-    if kind == "map" and key_only:
-        key = elem
-    parts = key["concat"] if isinstance(key, dict) and "concat" in key else [key]
-    if len(parts) != len(types):
-        return None
-    rendered = [_text_value(v, t) for v, t in zip(parts, types)]
-    if any(r is None for r in rendered):
-        return None
-    text = " . ".join(rendered)
-    if verdict is not None:
-        (verb, arg), = verdict.items()
-        if verb not in ("goto", "jump") or not _SAFE.match(arg["target"]):
-            return None
-        text += f" : {verb} {arg['target']}"
-    return text
-
-
-def _returned(out: str) -> set[str]:
-    """The elements of a `get element` answer, as printed."""
-    m = re.search(r"elements = \{(.*?)\}\s*\}", out, re.S)
-    return {" ".join(e.split()) for e in m.group(1).split(",")} if m else set()
-
-
-def _point_lookups(nft: Nft, table: str, name: str, kind: str, delta: ElementDelta) -> list[str] | None:
-    """Problems found by asking for each element `delta` wrote to `name`; None when an
-    element is not one we can render (the caller lists the set instead)."""
-    added = [e for n, elems in delta.add if n == name for e in elems]
-    gone = [e for n, elems in delta.delete if n == name for e in elems]
-    add_text = [_text_elem(name, kind, e) for e in added]
-    gone_text = [_text_elem(name, kind, e, key_only=True) for e in gone]
-    if any(t is None for t in add_text + gone_text):
-        return None
-    problems: list[str] = []
-    where = f"get element bridge {table} {name}"
-    if add_text:
-        rc, out, err = nft.lookup(f"{where} {{ {', '.join(add_text)} }}")
-        have = _returned(out) if rc == 0 else set()
-        # a key whose verdict changed was deleted and added: the added form wins
-        problems += [f"{kind} {name}: missing {t}" for t in add_text if t not in have][:5]
-    re_added = {t.split(" : ")[0] for t in add_text}
-    for t in gone_text:
-        if t in re_added:
-            continue
-        rc, out, _ = nft.lookup(f"{where} {{ {t} }}")
-        if rc == 0 and any(r == t or r.split(" : ")[0] == t for r in _returned(out)):
-            problems.append(f"{kind} {name}: still holds {t}")
-    return problems

@@ -38,13 +38,6 @@ class Nft:
         # a 1,000-guest table cost a tenth of the apply
         return self._nft.json_cmd(batch)
 
-    def lookup(self, command: str) -> tuple[int, str, str]:
-        """A read-only `get element` (libnftables 1.0's JSON parser has no `get`): the
-        one text command segguard sends, built by apply/incremental.py from validated
-        values only. Writes always go through JSON."""
-        assert command.startswith("get element "), command
-        return self._nft.cmd(command)
-
     def run(self, batch: dict[str, Any], what: str) -> dict[str, Any]:
         rc, out, err = self.raw(batch)
         if rc != 0:

@@ -62,26 +62,25 @@ def test_newgen_names_the_committing_pid_and_other_messages_are_skipped():
     assert newgen_pids(newrule) == []
 
 
-def test_point_lookup_read_back_renders_elements_as_nft_prints_them_and_refuses_the_rest():
-    """The agent reads back the elements it wrote by `get element` (a text command):
-    the rendering must match what nft prints (answers copied from libnftables 1.0.6),
-    and anything that is not a plain name, address or number is never put in a command."""
-    from segguard.apply.incremental import _returned, _text_elem
 
-    assert _text_elem("out_open4", "set", {"concat": ["vnet8", {"prefix": {"addr": "192.0.3.0", "len": 24}}, "tcp", {"range": [1030, 1035]}]}) \
-        == '"vnet8" . 192.0.3.0/24 . tcp . 1030-1035'
-    assert _text_elem("out_open6", "set", {"concat": ["vnet1", {"range": ["2001:db8::1", "2001:db8::9"]}, "udp", {"range": [1, 1024]}]}) \
-        == '"vnet1" . 2001:db8::1-2001:db8::9 . udp . 1-1024'
-    assert _text_elem("bound_ports", "set", {"concat": ["52:54:00:00:00:01", "vnet1"]}) == '52:54:00:00:00:01 . "vnet1"'
-    assert _text_elem("port_types", "set", {"concat": ["vnet1", "ip6"]}) == '"vnet1" . ip6'
-    assert _text_elem("out_dispatch", "map", ["vnet1", {"goto": {"target": "gx"}}]) == '"vnet1" : goto gx'
-    assert _text_elem("out_dispatch", "map", "vnet1", key_only=True) == '"vnet1"'
-    # hostile or unknown shapes: no command at all (the caller lists the set instead)
-    assert _text_elem("port_ip4", "set", {"concat": ['vnet"}; flush ruleset; #', "10.0.0.1"]}) is None
-    assert _text_elem("port_ip4", "set", {"concat": ["vnet1 x", "10.0.0.1"]}) is None
-    assert _text_elem("no_such_set", "set", "vnet1") is None
-    assert _text_elem("port_ip4", "set", {"concat": ["vnet1"]}) is None  # wrong arity
-    answer = ('table bridge t {\n\tset open4 {\n\t\ttype ifname . ipv4_addr . inet_proto . inet_service\n\t\tflags interval\n'
-              '\t\telements = { "vnet5" . 192.0.3.0/24 . tcp . 1030-1035,\n\t\t\t     "vnet6" . 192.0.3.0/24 . tcp . 1030-1035 }\n\t}\n}\n')
-    assert _returned(answer) == {'"vnet5" . 192.0.3.0/24 . tcp . 1030-1035', '"vnet6" . 192.0.3.0/24 . tcp . 1030-1035'}
-    assert _returned("") == set()
+def test_a_binds_read_back_skips_only_what_fails_closed():
+    """What a bind leaves to the next whole-table check must be only objects whose
+    missing element drops more: the dispatch maps and the MAC sets are always read back."""
+    from segguard.apply.incremental import ELEMENT_OBJECTS, FAILS_CLOSED
+    from segguard.compile.nft import compile_nft  # noqa: F401  (the rules below are compile/nft.py's)
+
+    config = load_config(LAB)
+    plan = compile_plan(config, facts(PortFact("vnet8", "fe:54:00:aa:00:02")))
+    assert {"out_dispatch", "in_dispatch", "nd_dispatch", "legacy_macs", "audit_macs"} <= set(ELEMENT_OBJECTS) - FAILS_CLOSED
+    for o in plan.nft:
+        rule = o.get("rule")
+        if not rule:
+            continue
+        for e in rule["expr"]:
+            m = e.get("match")
+            if m and isinstance(m.get("right"), str) and m["right"][1:] in FAILS_CLOSED:
+                # a lookup in such a set either drops on a miss (!=; audit: logs) or
+                # accepts on a hit (==)
+                verdict = rule["expr"][-1]
+                audit = any("log" in x for x in rule["expr"])
+                assert (m["op"] == "!=" and ("drop" in verdict or audit)) or (m["op"] == "==" and "accept" in verdict), rule
