@@ -31,12 +31,12 @@ def main(argv: list[str] | None = None) -> None:
                 ax.plot(*zip(*pts), marker=marker, linestyle=":", label="segguard bind one tap with N loaded")
     before_p = c.RESULTS / "apply-before.json"
     if before_p.exists():
-        # the run before shared chains and content-named sets (kept for comparison)
+        # the previous design (per-profile chains of rules), kept for comparison
         data = json.loads(before_p.read_text())
         pts = sorted((r["n"], r["stats"]["full_apply"]["median"]) for r in data["results"] if r["shape"] == "per-guest")
         if pts:
             ax.plot(*zip(*pts), marker="o", color="grey", alpha=0.5, linestyle="-.",
-                    label=f"before ({data.get('when', '')[:10]}): per-guest, rules inlined, one set per rule")
+                    label=f"previous design ({data.get('when', '')[:10]}): per-profile rule chains")
     if nwf_p.exists():
         data = json.loads(nwf_p.read_text())
         pts = sorted((r["n"], r["nwfilter"]["create_total"]) for r in data["results"])
