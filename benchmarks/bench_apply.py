@@ -30,6 +30,25 @@ DEFAULT_MATRIX = {"per-guest": [10, 100, 200, 1000, 5000], "shared": [10, 100, 1
 
 
 
+def _delta_road(applier, incremental, plan, what: str):
+    """The product's incremental road (segguard/apply/incremental.py): list the table,
+    element delta, one small transaction, exact read-back. (listing s, transaction s,
+    read-back s, element changes), or None when only the full replace would do."""
+    if incremental is None:
+        return None
+    t0 = time.perf_counter()
+    delta = incremental.element_delta(list(plan.nft), applier.realized(plan.table))
+    t1 = time.perf_counter()
+    if delta is None:
+        return None
+    batch = incremental.delta_batch(plan.table, delta)
+    t_s = time.perf_counter()
+    applier.nft.run(batch, f"bench {what}")
+    t_e = time.perf_counter()
+    assert applier.same(plan, applier.realized(plan.table)), f"{what}: read-back differs"
+    return t1 - t0, t_e - t_s, time.perf_counter() - t_e, len(delta.describe())
+
+
 def run_shape(shape: str, n: int, runs: int, ns: str, incremental) -> dict:
     from segguard.apply.nftables import NftablesApplier, replace_batch
     from segguard.compile import compile_plan
@@ -67,18 +86,12 @@ def run_shape(shape: str, n: int, runs: int, ns: str, incremental) -> dict:
             cfg2 = load_config(d)
             plan2 = compile_plan(cfg2, facts_wo)
             t1 = time.perf_counter()
-            # what NftablesApplier.apply does, step by step: list, element delta (the
-            # rules are the same for every profile), one transaction, exact read-back
-            realized = applier.realized(plan2.table)
-            delta = incremental.element_delta(list(plan2.nft), realized) if incremental is not None else None
-            if delta is not None:
-                batch = incremental.delta_batch(plan2.table, delta)
-                t_s = time.perf_counter()
-                applier.nft.run(batch, "bench change")
-                t_e = time.perf_counter()
-                assert applier.same(plan2, applier.realized(plan2.table)), "profile change: read-back differs"
-                out["change_one_txn"].append(t_e - t_s)
-                out["change_one_path"] = f"element delta ({len(delta.describe())} element changes)"
+            # what NftablesApplier.apply does, step by step (the rules are the same for
+            # every profile, so an edit is an element delta)
+            road = _delta_road(applier, incremental, plan2, "profile change")
+            if road is not None:
+                out["change_one_txn"].append(road[1])
+                out["change_one_path"] = f"element delta ({road[3]} element changes)"
             else:
                 assert applier.apply(plan2)
                 out["change_one_path"] = "full replace"
@@ -90,23 +103,11 @@ def run_shape(shape: str, n: int, runs: int, ns: str, incremental) -> dict:
             t0 = time.perf_counter()
             plan3 = compile_plan(cfg2, facts_all)
             t1 = time.perf_counter()
-            delta = None
-            if incremental is not None:
-                # the product's incremental road (segguard/apply/incremental.py):
-                # read the table, element delta, one small transaction, exact read-back
-                realized = applier.realized(plan3.table)
-                t_rb = time.perf_counter()
-                delta = incremental.element_delta(list(plan3.nft), realized)
-                t_d = time.perf_counter()
-            if delta is not None:
-                batch = incremental.delta_batch(plan3.table, delta)
-                t_s = time.perf_counter()
-                applier.nft.run(batch, "bench delta")
-                t_e = time.perf_counter()
-                assert applier.same(plan3, applier.realized(plan3.table)), "incremental bind: read-back differs"
+            road = _delta_road(applier, incremental, plan3, "incremental bind")
+            if road is not None:
                 t2 = time.perf_counter()
-                out["bind_tap_txn"].append(t_e - t_s)
-                out["bind_tap_readback"].append((t_rb - t1) + (t2 - t_e))
+                out["bind_tap_txn"].append(road[1])
+                out["bind_tap_readback"].append(road[0] + road[2])
                 out["bind_tap_path"] = "incremental"
             else:
                 assert applier.apply(plan3)

@@ -14,6 +14,7 @@ import pytest
 from segguard.compile.policy import EXACT_SUFFIX, PortPolicy, boxes, port_elements as _port_elements, port_set_types
 from segguard.config.validate import load_config
 from segguard.plan import Binding
+from tests.unit.test_compile import SITE
 
 ADDRS, PORTS = range(0, 41), range(0, 21)
 
@@ -109,14 +110,6 @@ def test_boxes_work_on_real_address_values():
 
 
 # --------------------------------------------------------- PortPolicy / port_elements
-SITE = """\
-domain_controllers: [10.30.0.10]
-management: {networks: [10.30.250.0/24], vlans: [250]}
-groups:
-  db: [10.30.0.20, fd00:30::20]
-  jump: [10.30.0.30]
-"""
-
 PROFILE = """\
 name: p
 bridge: br0
