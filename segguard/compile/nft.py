@@ -23,8 +23,6 @@ a guest's policy uses.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from typing import Any
 
@@ -81,19 +79,6 @@ class _Table:
             self._consts.add(name)
             self.set(name, type_, elems, interval)
         return f.ref(name)
-
-    def shared_set(self, prefix: str, type_: str, elems: list[Any], interval: bool = False) -> str:
-        """A named set called after its content, so every profile that needs the same
-        values uses one set: the kernel looks sets up by name in a list, so a table of
-        one set per rule and guest made each rule's insertion cost grow with N."""
-        digest = hashlib.sha1(json.dumps([type_, elems, interval], sort_keys=True).encode()).hexdigest()[:12]
-        return self.const(f"{prefix}_{digest}", type_, elems, interval)
-
-    def one_or_set(self, name: str, type_: str, values: list[Any], interval: bool = False) -> Any:
-        """A scalar (or a lone range) for one value, else a named set of them."""
-        if len(values) == 1:
-            return values[0]
-        return self.const(name, type_, values, interval)
 
     def chain(self, name: str, hook: str | None = None) -> str:
         self.add(f.chain(self.name, name, hook, PRIO))
