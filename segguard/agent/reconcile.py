@@ -153,8 +153,11 @@ def _membership_filter(name: str, elems: list[Any], b: Binding) -> list[Any]:
 
 def _class_chain_names(objects: list[dict[str, Any]], b: Binding) -> set[str]:
     """The chains this guest's port is dispatched to: its profile's kind of chains
-    (known even while it is unbound), and whatever the dispatch maps say for its port."""
+    (known even while it is unbound; bind.py records them). A binding read from a
+    state file written before they were recorded has none: the dispatch maps say."""
     out = set(b.chains)
+    if out:
+        return out
     for obj in objects:
         body = obj.get("map")
         if body and body.get("name") in ("out_dispatch", "in_dispatch") and b.port:
