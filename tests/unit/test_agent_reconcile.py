@@ -118,3 +118,18 @@ def test_installed_files(tmp_path):
         write_hook(foreign, None)
     assert write_hook(foreign, None, force=True).read_text().startswith("#!/bin/sh\n# installed by segguard")
     write_hook(foreign, None)  # ours: replaced without --force
+
+
+def test_a_binding_from_an_older_state_file_finds_its_chains_in_the_dispatch_maps(config):
+    """Bindings written before bind.py recorded their class chains have none: the
+    per-guest view then takes them from the dispatch maps, and sees the same policy."""
+    import dataclasses
+
+    from segguard.agent.reconcile import _class_chain_names
+
+    plan = compile_plan(config, facts(PortFact("vnet8", "fe:54:00:aa:00:02")))
+    scada = plan.binding("scada-line4-srv")
+    old = dataclasses.replace(scada, chains=())
+    assert scada.chains == ("gout_inet_dom_allow", "gin_inet_dom_allow")
+    assert _class_chain_names(list(plan.nft), old) == set(scada.chains)
+    assert guest_view(list(plan.nft), old) == guest_view(list(plan.nft), scada)
