@@ -71,13 +71,13 @@ def _family(name: str) -> int:
 
 def _addr(lo: int, hi: int, fam: int) -> Any:
     """An address range as nft lists it back: an address, a prefix, or a range."""
-    ver = 4 if fam == 4 else 6
+    first, last = netaddr.IPAddress(lo, fam), netaddr.IPAddress(hi, fam)
     if lo == hi:
-        return str(netaddr.IPAddress(lo, ver))
-    cidrs = netaddr.iprange_to_cidrs(netaddr.IPAddress(lo, ver), netaddr.IPAddress(hi, ver))
+        return str(first)
+    cidrs = netaddr.iprange_to_cidrs(first, last)
     if len(cidrs) == 1:
         return {"prefix": {"addr": str(cidrs[0].network), "len": cidrs[0].prefixlen}}
-    return {"range": [str(netaddr.IPAddress(lo, ver)), str(netaddr.IPAddress(hi, ver))]}
+    return {"range": [str(first), str(last)]}
 
 
 def _svc(lo: int, hi: int) -> Any:
