@@ -42,6 +42,10 @@ def exthdr_exists(name: str) -> Expr:
     return match({"exthdr": {"name": name}}, True)
 
 
+def exthdr_missing(name: str) -> Expr:
+    return match({"exthdr": {"name": name}}, False)
+
+
 def ct_state(*states: str) -> Expr:
     right: Any = list(states) if len(states) > 1 else states[0]
     return match({"ct": {"key": "state"}}, right, "in")

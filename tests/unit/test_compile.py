@@ -77,13 +77,21 @@ def rules(plan: Plan, chain: str) -> list[dict]:
     return [r for r in objs(plan, "rule") if r["chain"] == chain]
 
 
-def walk(plan: Plan, chain: str) -> list[dict]:
+def is_fast(rule: dict) -> bool:
+    return rule.get("comment", "").startswith("fast path:")
+
+
+def walk(plan: Plan, chain: str, fast: bool = False) -> list[dict]:
     """The rules of `chain` in the order a frame meets them: an unconditional `jump` to
     a shared chain is replaced by that chain's rules (a chain ending without a verdict
     returns to the rule after the jump), so ordering guarantees are asserted on what
-    the kernel evaluates, not on how the table happens to be factored."""
+    the kernel evaluates, not on how the table happens to be factored. The fast-path
+    rules (which accept only what the walk accepts too: test_fast_path_*) are left out
+    unless asked for."""
     out = []
     for r in rules(plan, chain):
+        if is_fast(r) and not fast:
+            continue
         if len(r["expr"]) == 1 and "jump" in r["expr"][0]:
             out += walk(plan, r["expr"][0]["jump"]["target"])
         else:
@@ -396,7 +404,9 @@ def test_stateful_uses_ct_state_and_no_reply_rules():
     # every allow rule of a profile (flows and echo requests it opens) matches only new flows
     allow = [r for r in all_rules if looks_up(r, "out_open4", "out_open6", "in_open4", "in_open6",
                                               "out_echo4", "out_echo6", "in_echo4", "in_echo6")]
-    assert len(allow) == 4 * 4 * 2  # 2 kinds of profile x (out, in) x (open, echo) x (v4, v6) x 2 halves
+    # 2 kinds of profile x (out, in) x (open, echo) x (v4, v6) x 2 halves, + the fast path's
+    # open lookups (2 kinds x (out, in) x (v4, v6))
+    assert len(allow) == 4 * 4 * 2 + 2 * 2 * 2
     assert all({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}} in r["expr"] for r in allow)
 
 
@@ -411,7 +421,7 @@ def test_stateless_uses_reply_rules_and_no_ct():
     reply_sets = {}
     for chain in ("gout_inet_dom_deny", "gin_inet_dom_deny", "gout_inet_dom_allow", "gin_inet_dom_allow"):
         d, other = ("out", "in") if chain.startswith("gout_") else ("in", "out")
-        rs = rules(plan, chain)
+        rs = [r for r in rules(plan, chain) if not is_fast(r)]
         for fam in (4, 6):
             # a reply is the other side's opened flow seen backwards: keyed on the
             # source port, looked up in the other direction's own set
@@ -601,8 +611,10 @@ def test_identity_checks_precede_everything_else_from_the_guest():
     plan = compile_plan(load_config(LAB), lab_facts())
     for chain in ("gout_inet_dom_deny", "gout_inet_dom_allow"):
         rs = rules(plan, chain)
-        first_jump = next(i for i, r in enumerate(rs) if has_expr(r, "jump"))
-        ident = rs[:first_jump]
+        first_fast = next(i for i, r in enumerate(rs) if is_fast(r))
+        ident = rs[:first_fast]
+        # the fast path follows the identity checks at once, then the walk's first jump
+        assert has_expr(rs[first_fast + 4], "jump") and all(is_fast(r) for r in rs[first_fast:first_fast + 4])
         keys = [s for r in ident for _, s in lookups(r)]
         assert keys == ["bound_ports", "port_types", "port_types", "port_ip4", "bound_ports", "port_ip4", "port_ip6"]
         accepts = [i for i, r in enumerate(ident) if r["expr"][-1] == {"accept": None}]
@@ -640,11 +652,98 @@ def test_guard_rails_come_before_every_allow_rule(conntrack):
         for i in rails:
             assert rs[i]["expr"][-2:] == [{"counter": None}, {"drop": None}]
         # and they live behind an unconditional jump in the class chain itself
-        own = rules(plan, chain)
+        own = [r for r in rules(plan, chain) if not is_fast(r)]
         jump = next(i for i, r in enumerate(own) if has_expr(r, "jump"))
         assert own[jump]["expr"][0]["jump"]["target"].startswith("common_")
         assert not any(looks_up(r, *POLICY_SETS) for r in own[:jump])
 
+
+
+def _fast_rules(plan: Plan, chain: str) -> list[dict]:
+    return [r for r in rules(plan, chain) if is_fast(r)]
+
+
+FRAG4_NONE = {"match": {"op": "==", "left": {"&": [{"payload": {"protocol": "ip", "field": "frag-off"}}, 16383]}, "right": 0}}
+FRAG6_NONE = {"match": {"op": "==", "left": {"exthdr": {"name": "frag"}}, "right": False}}
+
+
+@pytest.mark.parametrize("conntrack", [False, True])
+def test_fast_path_excludes_what_the_walk_drops_before_its_allows(conntrack):
+    """The fast path accepts before the guard rails, fragments and rogue-service rules;
+    each of its rules must carry the conditions under which the walk could drop first."""
+    plan = compile_plan(load_config(LAB), lab_facts(bridge_conntrack=conntrack))
+    for chain in sorted({c for b in plan.bindings for c in b.chains}):
+        out = chain.startswith("gout_")
+        fast = _fast_rules(plan, chain)
+        assert len(fast) == (2 if conntrack else 4), chain
+        for r in fast:
+            ex = r["expr"]
+            assert ex[-1] == {"accept": None}
+            # single values only: the hash halves
+            assert [m["match"]["right"] for m in ex if "match" in m and str(m["match"]["right"]).startswith("@")
+                    and "concat" in m["match"]["left"]] == [f"@{lookups(r)[0][1]}{EXACT_SUFFIX}"]
+            v6 = "ip6" in lookups(r)[0][0][1]
+            # unfragmented only (first fragments keep the walk's fragment rules)
+            assert (FRAG6_NONE if v6 else FRAG4_NONE) in ex
+            if out and v6:
+                assert {"match": {"op": "==", "left": {"exthdr": {"name": "rt"}}, "right": False}} in ex
+                assert {"match": {"op": "!=", "left": {"payload": {"protocol": "ip6", "field": "saddr"}}, "right": "@ip6_linklocal"}} in ex
+            sport = {"payload": {"protocol": "th", "field": "sport"}}
+            opens = lookups(r)[0][0][-1] == "th dport"
+            if opens:
+                assert lookups(r)[0][1].startswith("out_open" if out else "in_open")
+                assert ({"match": {"op": "!=", "left": sport, "right": "@dhcp_server_ports"}} in ex) == out
+                assert ({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}} in ex) == conntrack
+            else:  # a stateless TCP reply: ACK set, and from the guest never to an AD port
+                assert not conntrack and lookups(r)[0][0][-1] == "tcp sport"
+                assert lookups(r)[0][1].startswith("in_open" if out else "out_open")
+                assert {"match": {"op": "==", "left": {"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, "ack"]},
+                                  "right": "ack"}} in ex
+                tcp_dport = {"payload": {"protocol": "tcp", "field": "dport"}}
+                assert ({"match": {"op": "!=", "left": tcp_dport, "right": "@ad_ports"}} in ex) == out  # lab: block.domain on
+
+
+def test_fast_path_elements_lie_outside_every_guard_rail_of_their_port(tmp_path):
+    """The fast path's one claim the rules cannot carry: no element it can hit is in a
+    guard-railed range of that port's profile (validation refuses such rules), so
+    accepting before the rails changes no verdict. Checked on the plan's own sets."""
+    blocks = {"a": "{internet: true, domain: true}", "b": "{internet: false, domain: true}",
+              "c": "{internet: true, domain: false}", "d": "{internet: false, domain: false}"}
+    profs = {}
+    for i, (n, b) in enumerate(blocks.items()):
+        # each profile names what its blocks allow: the internet where internet is off,
+        # the DC where domain is off
+        eg = "  - {to: db, proto: tcp, ports: [1433]}\n"
+        if "internet: false" in b:
+            eg += "  - {to: 198.51.100.7, proto: udp, ports: [53]}\n"
+        if "domain: false" in b:
+            eg += "  - {to: 10.30.0.10, proto: tcp, ports: [88]}\n"
+        profs[n] = profile(n, [guest(i + 1, v6=True)], egress=eg) + f"block: {b}\n"
+    for plan in (compile_plan(load_config(write_config(tmp_path, profs)), HostFacts()),
+                 compile_plan(load_config(LAB), lab_facts())):
+        rail = {name: netaddr.IPSet(
+            netaddr.IPNetwork(f"{e['prefix']['addr']}/{e['prefix']['len']}") if isinstance(e, dict) and "prefix" in e
+            else netaddr.IPRange(*e["range"]) if isinstance(e, dict) else netaddr.IPNetwork(e)
+            for e in elems(plan, "set", name)) for name in ("mgmt4", "mgmt6", "hyp4", "hyp6", "dc4", "dc6", "internal4", "internal6")}
+        hit = 0
+        for port, _ in elems(plan, "map", "out_dispatch"):
+            tag = dispatch(plan, "out_dispatch", port).split("_")[1:-1]  # gout_<tag>_<default>
+            for d in ("out", "in"):
+                for fam in (4, 6):
+                    for e in named(plan, "set", f"{d}_open{fam}{EXACT_SUFFIX}").get("elem", []):
+                        if e["concat"][0] != port:
+                            continue
+                        addr = netaddr.IPAddress(e["concat"][1])
+                        hit += 1
+                        assert addr not in rail[f"mgmt{fam}"] and addr not in rail[f"hyp{fam}"], (port, e)
+                        if "dom" in tag:
+                            assert addr not in rail[f"dc{fam}"], (port, e)
+                        if "inet" in tag:
+                            assert addr in rail[f"internal{fam}"], (port, e)
+        assert hit
+    # the synthetic fleet does hold elements the rails of other kinds would drop
+    assert member(plan := compile_plan(load_config(write_config(tmp_path, profs)), HostFacts()), "out_open4", "vnet2", "198.51.100.7", "udp", 53)
+    assert member(plan, "out_open4", "vnet3", "10.30.0.10", "tcp", 88)
 
 def test_guard_rails_follow_block_settings(tmp_path):
     prof = profile("p", [guest(1)]) + "block: {internet: false, domain: false}\n"
@@ -687,7 +786,7 @@ def test_allow_rule_matches_peer_and_port():
     plan = compile_plan(load_config(LAB), lab_facts())
     # scada-line4 (vnet8): ingress {from: jump_hosts, proto: tcp, ports: [22, 3389]}
     for fam, ip, jump in ((4, "ip", "10.30.0.30"), (6, "ip6", "fd00:30::30")):
-        halves = [r for r in rules(plan, "gin_inet_dom_allow") if looks_up(r, f"in_open{fam}")]
+        halves = [r for r in rules(plan, "gin_inet_dom_allow") if looks_up(r, f"in_open{fam}") and not is_fast(r)]
         assert [r["expr"] for r in halves] == [[
             {"match": {"op": "==", "left": {"concat": [{"meta": {"key": "oifname"}}, {"payload": {"protocol": ip, "field": "saddr"}},
                                                        {"meta": {"key": "l4proto"}}, {"payload": {"protocol": "th", "field": "dport"}}]},
@@ -705,7 +804,7 @@ def test_allow_rule_matches_peer_and_port():
     assert not member(plan, "in_open4", "vnet7", "10.30.0.30", "tcp", 22)
     assert port_elems(plan, "out_open4", "vnet7") == [["10.30.0.20", "tcp", 1433]]
     assert port_elems(plan, "out_open4", "vnet8") == [["10.30.0.20", "tcp", 1433], ["10.30.0.20", "udp", 514]]
-    for out in [r for r in rules(plan, "gout_inet_dom_deny") if looks_up(r, "out_open4")]:
+    for out in [r for r in rules(plan, "gout_inet_dom_deny") if looks_up(r, "out_open4") and not is_fast(r)]:
         assert lookups(out) == [(["iifname", "ip daddr", "l4proto", "th dport"], "out_open4")]
 
 
