@@ -22,6 +22,16 @@ the live table.  Two figures per plug:
 Blocked frames arriving at the DC are counted over every plug: the zero window says 0.
 The tap is then deleted and its element awaited gone before the next plug.
 
+Profile edits (per-guest shape): one more tap stays plugged for the last guest; each
+edit rewrites that guest's profile file (write a temporary file, rename over: as an
+editor or config management does) with one more TCP port to historian_db than the
+base rules, a different one each time (the previous edit's port goes). t0 is the
+rename; then frames to the new port and to the previous edit's port are sent until
+the new one arrives:
+  edit enforced     rename -> the first frame to the new port arriving at the peer.
+  old port after    frames to the previous port that arrived after the new port did
+                    (one transaction adds the new and deletes the old: must be 0).
+
 `python -m benchmarks.bench_plug [--guests 1 100 1000] [--plugs 100] [--shape per-guest|shared]`
 as root, from the repo root.  Targets (issue 4): p99 under 100 ms, flat in N; RSS under
 80 MB.
@@ -104,6 +114,7 @@ class Sink:
         self.lock = threading.Lock()
         self.first: dict[bytes, float] = {}
         self.count: dict[bytes, int] = {}
+        self.arrivals: dict[bytes, list[float]] = {}
         self.stop = False
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
@@ -121,6 +132,11 @@ class Sink:
                 with self.lock:
                     self.first.setdefault(m, t)
                     self.count[m] = self.count.get(m, 0) + 1
+                    self.arrivals.setdefault(m, []).append(t)
+
+    def times(self, marker: bytes) -> list[float]:
+        with self.lock:
+            return list(self.arrivals.get(marker, ()))
 
     def seen(self, marker: bytes) -> float | None:
         with self.lock:
@@ -215,7 +231,8 @@ def dispatch_has(nft, tap: str) -> bool:
     return False
 
 
-def run_case(n: int, plugs: int, shape: str, idle_seconds: float, budget: float, ready_timeout: float = 600.0) -> dict:
+def run_case(n: int, plugs: int, shape: str, idle_seconds: float, budget: float, ready_timeout: float = 600.0,
+             edits: int = 0) -> dict:
     build()
     sinks: dict[str, Sink] = {}
     agent = None
@@ -225,7 +242,7 @@ def run_case(n: int, plugs: int, shape: str, idle_seconds: float, budget: float,
             write_config(d / "cfg", n, shape)
             agent = AgentProc(d / "cfg", d / "state", d / "agent.log")
             try:
-                return _measure(agent, d, n, plugs, shape, idle_seconds, budget, ready_timeout, sinks)
+                return _measure(agent, d, n, plugs, shape, idle_seconds, budget, ready_timeout, sinks, edits)
             finally:
                 # before the directory goes: the agent (and its forked plan writer) write there
                 agent.stop()
@@ -237,8 +254,72 @@ def run_case(n: int, plugs: int, shape: str, idle_seconds: float, budget: float,
         destroy()
 
 
+def _edits(agent: "AgentProc", d: Path, n: int, count: int, sinks: dict) -> dict:
+    from segguard.lab import netns as nl
+    from segguard.verify.probes import Probe, build_frame, new_marker
+
+    gi = n - 1
+    tap, peer = "sgype", "ge"
+    gmac, gv4 = c.guest_mac(gi), c.guest_v4(gi)
+    prof = d / "cfg" / "profiles" / f"{c.guest_name(gi)}.yaml"
+    enforced: list[float] = []
+    old_after = 0
+    timeouts = 0
+    with nl.ipr(HV) as ip, nl.ipr(_ns("g")) as gip:
+        idx = nl.create_veth(ip, tap, c.tap_mac(gi), peer, gmac, _ns("g"))
+        nl.enslave(ip, idx, nl.link_index(ip, c.BRIDGE))
+        nl.set_up(ip, idx)
+        nl.set_up(gip, nl.link_index(gip, peer))
+    with nl.enter_netns(_ns("g")):
+        tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    tx.bind((peer, 0))
+    try:
+        def frame(port: int, marker: bytes) -> bytes:
+            return build_frame(Probe(kind="tcp", src_mac=gmac, dst_mac=PEERS["srv"][2], src_ip=gv4,
+                                     dst_ip=PEERS["srv"][3], dport=port), marker)
+        # the tap is bound (its base rules enforced) before the first edit
+        base_m = new_marker()
+        t0 = time.perf_counter()
+        while sinks["srv"].seen(base_m) is None and time.perf_counter() - t0 < PLUG_TIMEOUT:
+            with contextlib.suppress(OSError):
+                tx.send(frame(1433, base_m))
+            time.sleep(0.002)
+        for j in range(1, count + 1):
+            new_port, old_port = 1500 + j, 1500 + j - 1
+            new_m, old_m = new_marker(), new_marker()
+            new_f, old_f = frame(new_port, new_m), frame(old_port, old_m)
+            tmp = prof.with_suffix(".tmp")
+            tmp.write_text(c.profile_yaml(gi, port=False, variant=j))
+            t0 = time.perf_counter()
+            os.replace(tmp, prof)
+            seen = None
+            while seen is None and time.perf_counter() - t0 < PLUG_TIMEOUT:
+                with contextlib.suppress(OSError):
+                    tx.send(new_f)
+                    if j > 1:
+                        tx.send(old_f)
+                seen = sinks["srv"].seen(new_m)
+                time.sleep(0.0002)
+            if seen is None:
+                timeouts += 1
+                continue
+            enforced.append(seen - t0)
+            # the old port's frames sent after the switch: none may arrive
+            for _ in range(20):
+                with contextlib.suppress(OSError):
+                    tx.send(old_f)
+            time.sleep(0.05)
+            old_after += sum(1 for t in sinks["srv"].times(old_m) if t > seen)
+            time.sleep(0.1)  # let the agent's follow-up table check start and go
+    finally:
+        tx.close()
+        nl.delete_link(HV, tap)
+    return {"edit_enforced": c.summarize(enforced), "edits": count, "edit_timeouts": timeouts,
+            "old_port_after_switch": old_after}
+
+
 def _measure(agent: "AgentProc", d: Path, n: int, plugs: int, shape: str, idle_seconds: float, budget: float,
-             ready_timeout: float, sinks: dict) -> dict:
+             ready_timeout: float, sinks: dict, edits_wanted: int = 0) -> dict:
     import nftables
 
     from segguard.lab import netns as nl
@@ -316,6 +397,7 @@ def _measure(agent: "AgentProc", d: Path, n: int, plugs: int, shape: str, idle_s
             while dispatch_has(nft_hv, tap) and time.perf_counter() - t1 < PLUG_TIMEOUT:
                 time.sleep(0.001)
             unplug.append(time.perf_counter() - t1)
+    edits = _edits(agent, d, n, edits_wanted, sinks) if shape == "per-guest" and edits_wanted else {}
     mem_end = agent.status()
     log_lines = (d / "agent.log").read_text().splitlines()
     applied = [json.loads(ln) for ln in log_lines if '"applied"' in ln]
@@ -337,6 +419,7 @@ def _measure(agent: "AgentProc", d: Path, n: int, plugs: int, shape: str, idle_s
         "applies_by_kind": kinds,
         # what the agent itself says each apply took (its log's "applied" events)
         "agent_apply_seconds": {k: c.summarize(v) for k, v in apply_s.items()},
+        **edits,
     }
 
 
@@ -346,6 +429,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plugs", type=int, default=100)
     ap.add_argument("--shape", choices=["per-guest", "shared"], default="per-guest",
                     help="per-guest: every guest its own profile (the table's worst case); shared: one profile")
+    ap.add_argument("--edits", type=int, default=20, help="profile edits per case (per-guest shape; 0: none)")
     ap.add_argument("--idle-seconds", type=float, default=15.0)
     ap.add_argument("--budget", type=float, default=600.0,
                     help="seconds of plugging per case; fewer plugs are reported when a slow agent spends it")
@@ -358,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
     cases = []
     for n in args.guests:
         print(f"plug: {n} guests ({args.shape}), {args.plugs} plugs ...", flush=True)
-        cases.append(run_case(n, args.plugs, args.shape, args.idle_seconds, args.budget, args.ready_timeout))
+        cases.append(run_case(n, args.plugs, args.shape, args.idle_seconds, args.budget, args.ready_timeout, args.edits))
         # after every case, so an interrupted run keeps what it measured
         c.write_result("plug", {"args": vars(args), "cases": cases, "complete": False,
                                 "targets": {"p99_s": 0.1, "rss_bytes": 80 << 20}})
@@ -367,14 +451,17 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(c.stat_row(f"{r['guests']} guests: enforced (frame)", r["enforced_frame"]))
         rows.append(c.stat_row(f"{r['guests']} guests: enforced (table)", r["enforced_table"]))
         rows.append(c.stat_row(f"{r['guests']} guests: unplug (table)", r["unplug_table"]))
+        if r.get("edit_enforced", {}).get("n"):
+            rows.append(c.stat_row(f"{r['guests']} guests: profile edit -> enforced (frame)", r["edit_enforced"]))
         for kind, st in sorted(r["agent_apply_seconds"].items()):
             rows.append(c.stat_row(f"{r['guests']} guests: agent's own {kind} apply", st))
     c.table("plug: link created -> enforced", c.STAT_HEADERS, rows)
     mb = 1 / (1 << 20)
-    c.table("plug: agent", ["guests", "plugs", "ready", "RSS idle", "RSS peak", "idle CPU", "blocked arrived", "timeouts", "applies"],
+    c.table("plug: agent", ["guests", "plugs", "ready", "RSS idle", "RSS peak", "idle CPU", "blocked arrived", "timeouts",
+                            "old port after edit", "applies"],
             [[r["guests"], r["plugs"], c.fmt_s(r["agent_ready_s"]), f"{(r['rss_idle_bytes'] or 0) * mb:.1f} MB",
               f"{(r['rss_peak_bytes'] or 0) * mb:.1f} MB", f"{r['idle_cpu_fraction'] * 100:.2f} %",
-              r["blocked_frames_arrived"], r["timeouts"],
+              r["blocked_frames_arrived"], r["timeouts"] + r.get("edit_timeouts", 0), r.get("old_port_after_switch", "-"),
               " ".join(f"{k}={v}" for k, v in sorted(r["applies_by_kind"].items()))] for r in cases])
     p99s = [r["enforced_frame"].get("p99") for r in cases if r["enforced_frame"].get("n")]
     print(f"targets: p99 < 100 ms ({'met' if p99s and max(p99s) < 0.1 else 'NOT met'}), "

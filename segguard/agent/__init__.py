@@ -82,6 +82,11 @@ class Agent:
             self.runner.min_interval = self.base_interval
         if self.rec.dirty:
             self.persist.request(time.monotonic())
+        if self.rec.table_check_wanted:
+            # an edit's element delta was read back only where a miss fails open at
+            # once (dispatch, MACs); the whole table is compared next, off the loop
+            self.rec.table_check_wanted = False
+            self._drift_tick()
         self._reap()
         if self.rec.road == "full":
             self._trim()

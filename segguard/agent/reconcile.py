@@ -247,6 +247,29 @@ class Outcome:
 LINK_REASONS = frozenset({"link-new", "link-del", "link-moved", "bridge-address", "bridge-port"})
 
 
+def _sub_config(config: Config, guests: set[str]) -> Config:
+    """The config with only `guests` (and their profiles)."""
+    profiles = []
+    for lp in config.profiles:
+        mine = [g for g in lp.profile.guests if g.name in guests]
+        if mine:
+            profiles.append(dataclasses.replace(lp, profile=lp.profile.model_copy(update={"guests": mine})))
+    return dataclasses.replace(config, profiles=tuple(profiles))
+
+
+def _changed_profiles(old: Config, new: Config) -> set[str] | None:
+    """The names of the profiles a reload changed, or None when more changed than
+    profile files in place (site.yaml, a profile added, removed or renamed)."""
+    if old.site_source.file != new.site_source.file or old.site != new.site or old.directory != new.directory:
+        return None
+    old_by = {lp.name: lp for lp in old.profiles}
+    new_by = {lp.name: lp for lp in new.profiles}
+    if old_by.keys() != new_by.keys():
+        return None
+    # load_config hands back the very object for a file whose bytes did not change
+    return {name for name, lp in new_by.items() if lp is not old_by[name]}
+
+
 class Reconciler:
     """Holds ONE copy of the policy: the last full plan (`_base`) plus the dispatch
     elements and port chains bindings have changed since (`_live`). `applied`,
@@ -282,6 +305,8 @@ class Reconciler:
         self.road = ""                          # the last reconcile's: "fast" (one binding) or "full"
         self.generation = 0                     # bumped by every write of ours
         self._index = None                      # (config, guests by tap MAC, by explicit port, by MAC)
+        self._profiles_changed = None           # (config before the last load, names of profiles it changed)
+        self.table_check_wanted = False         # a whole-table read-back should follow (off the loop)
         from segguard.agent.vlans import VlanLayer
 
         self.vlan = VlanLayer(log, metrics)
@@ -334,8 +359,10 @@ class Reconciler:
     # -- config ---------------------------------------------------------------------
     def load(self) -> bool:
         """Load and validate the config. A bad one keeps the last good one in force."""
+        old = self.config
+        self._profiles_changed = None
         try:
-            cfg = load_config(self.config_dir)
+            cfg = load_config(self.config_dir, previous=old)
         except ConfigError as exc:
             self.config_error = [str(p) for p in exc.problems]
             self.config_error_at = time.time()
@@ -345,6 +372,7 @@ class Reconciler:
                 self.metrics.config_valid.set(0)
             return False
         self.config, self.config_error, self.config_error_at = cfg, None, None
+        self._profiles_changed = (old, _changed_profiles(old, cfg)) if old is not None else None
         if self.metrics:
             self.metrics.config_valid.set(1)
         self.log.info("config-loaded", directory=str(cfg.directory), profiles=len(cfg.profiles),
@@ -395,6 +423,8 @@ class Reconciler:
         try:
             with writer_lock():
                 fast = self._rebind(reasons, start) if set(reasons) <= LINK_REASONS else None
+                if fast is None and set(reasons) == {"config"}:
+                    fast = self._reprofile(reasons, start)
                 if fast is not None:
                     return fast
                 kind, drift, changes, vlan_changes = self._full(reasons)
@@ -415,7 +445,7 @@ class Reconciler:
             if self.metrics:
                 self.metrics.applies.labels(kind, "ok").inc()
                 self.metrics.apply_seconds.labels(kind).observe(seconds)
-            self.log.info("applied", kind=kind, seconds=round(seconds, 4), reasons=sorted(reasons), changes=changes[:20])
+            self.log.info("applied", kind=kind, road=self.road, seconds=round(seconds, 4), reasons=sorted(reasons), changes=changes[:20])
         self._count_guests()
         return Outcome(kind, seconds, list(drift), changes, vlan_changes=list(vlan_changes))
 
@@ -510,22 +540,9 @@ class Reconciler:
             if delta is None:
                 return self._skip("the changed guests' slices differ in more than elements")
             if not delta.empty:
-                batch = delta_batch(base.table, delta)
-                self.generation += 1
-                try:
-                    self.applier.nft.run(batch, "element updates of the segguard table")
-                except SegguardError as exc:
-                    self._realized_same, self._realized_other = False, None  # unknown now: the full road lists and repairs
-                    return self._skip(f"element transaction refused: {exc}")
-                live.apply(delta)
-                self._stale, self._view = True, None
-                problems = read_back_elements(self.applier.nft, base.table, live, delta)
-                if problems:
-                    self._realized_same, self._realized_other = False, None
-                    self.log.warning("read-back-differs", after="element updates", problems=problems[:10])
-                    return self._skip("read-back of the touched objects differs")
+                if (why := self._send(delta)) is not None:
+                    return self._skip(why)
                 kind, changes = "incremental", delta.describe()
-                self.dirty = True
         for b in old:
             if b.port:
                 self.former_ports[b.port] = b
@@ -542,6 +559,75 @@ class Reconciler:
             if vlan_changes:
                 self.dirty = True
         return self._done(kind, start, reasons, changes, (), vlan_changes)
+
+    def _send(self, delta) -> str | None:
+        """One element transaction, then the read-back of the dispatch objects it
+        touched. Returns why the full road must take over, or None when it is done."""
+        base, live = self._base, self._live
+        batch = delta_batch(base.table, delta)
+        self.generation += 1
+        try:
+            self.applier.nft.run(batch, "element updates of the segguard table")
+        except SegguardError as exc:
+            self._realized_same, self._realized_other = False, None  # unknown now: the full road lists and repairs
+            return f"element transaction refused: {exc}"
+        live.apply(delta)
+        self._stale, self._view = True, None
+        problems = read_back_elements(self.applier.nft, base.table, live, delta)
+        if problems:
+            self._realized_same, self._realized_other = False, None
+            self.log.warning("read-back-differs", after="element updates", problems=problems[:10])
+            return "read-back of the touched objects differs"
+        self.dirty = True
+        return None
+
+    def _reprofile(self, reasons, start: float) -> Outcome | None:
+        """Profile files changed and nothing else: compile the changed profiles' guests
+        alone (before and after), send the element delta in one transaction. The agent
+        does not compile or list the fleet for one edited profile. None when the edit
+        is more than elements of port-keyed sets (a guest added, removed or re-addressed,
+        another kind of profile, bridge or VLAN): the full road decides then.
+
+        Read-back: the dispatch objects at once, as a bind. An edit also deletes allow
+        elements, where an element left behind would let a flow through, so a
+        whole-table check (the forked drift checker, off the loop) is asked for too."""
+        from segguard.compile.bind import bind_guests
+        from segguard.compile.nft import compile_nft
+
+        before, changed = self._profiles_changed or (None, None)
+        self._profiles_changed = None
+        base, live, facts = self._base, self._live, self._facts
+        if changed is None or base is None or live is None or facts is None or not self._realized_same:
+            return self._skip("no full plan in force, or the site changed")
+        if before is not self._facts_config:
+            return self._skip("the plan in force was not compiled from the config before this edit")
+        old_by = {lp.name: lp for lp in before.profiles}
+        new_by = {lp.name: lp for lp in self.config.profiles}
+        guests: set[str] = set()
+        for name in changed:
+            o, n = old_by[name].profile, new_by[name].profile
+            if (o.bridge, o.vlan) != (n.bridge, n.vlan) or [g.model_dump() for g in o.guests] != [g.model_dump() for g in n.guests]:
+                return self._skip(f"profile {name}: its guests, bridge or VLAN changed")
+            guests |= {g.name for g in n.guests}
+        kind, changes = "none", []
+        if guests:
+            bound, _warnings = bind_guests(_sub_config(self.config, guests), facts)
+            old_b = [b for b in base.bindings if b.guest in guests]
+            if bound != old_b:
+                return self._skip("the changed profiles' guests bind differently (mode or kind of profile changed)")
+            delta = rebind_delta(compile_nft(_sub_config(before, guests), facts, old_b, base.stateful, base.table),
+                                 compile_nft(_sub_config(self.config, guests), facts, bound, base.stateful, base.table), live)
+            if delta is None:
+                return self._skip("the changed profiles' slices differ in more than elements")
+            if not delta.empty:
+                if (why := self._send(delta)) is not None:
+                    return self._skip(why)
+                kind, changes = "incremental", delta.describe()
+                self.table_check_wanted = True
+        self.road = "profile"
+        self._facts_config = self.config
+        self._index = None
+        return self._done(kind, start, reasons, changes)
 
     def _bind_changed(self, old_facts: HostFacts, facts: HostFacts) -> list[Binding] | None:
         """The bindings under `facts`, re-deriving only the guests a changed port or
@@ -577,13 +663,7 @@ class Reconciler:
         return out if len(bound) == len(set(bound)) else None
 
     def _sub_config(self, guests: set[str]) -> Config:
-        """The config with only `guests` (and their profiles)."""
-        profiles = []
-        for lp in self.config.profiles:
-            mine = [g for g in lp.profile.guests if g.name in guests]
-            if mine:
-                profiles.append(dataclasses.replace(lp, profile=lp.profile.model_copy(update={"guests": mine})))
-        return dataclasses.replace(self.config, profiles=tuple(profiles))
+        return _sub_config(self.config, guests)
 
     def _skip(self, why: str) -> None:
         self.fast_path_skipped = why

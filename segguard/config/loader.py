@@ -113,11 +113,12 @@ else:
     _Loader = _PyLoader
 
 
-def load_yaml(path: Path, display_name: str | None = None) -> Document:
+def load_yaml(path: Path, display_name: str | None = None, data: bytes | None = None) -> Document:
+    """`data`: the file's bytes, when the caller has read them already."""
     name = display_name or str(path)
     smap = SourceMap(name)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = (path.read_bytes() if data is None else data).decode("utf-8")
     except OSError as exc:
         raise ConfigError([ConfigProblem(name, None, "", f"cannot read: {exc.strerror or exc}")]) from exc
     except UnicodeDecodeError as exc:

@@ -2,8 +2,9 @@
 listing every problem as `file:line: field: message`."""
 from __future__ import annotations
 
+import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,9 @@ class Config:
     site: Site
     site_source: SourceMap
     profiles: tuple[LoadedProfile, ...]
+    # each file's content digest (site.yaml's included, by resolved path): a reload
+    # re-parses only the files whose bytes changed
+    digests: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def guests(self) -> list[tuple[LoadedProfile, Guest]]:
         return [(lp, g) for lp in self.profiles for g in lp.profile.guests]
@@ -84,44 +88,81 @@ def _model(cls: type[BaseModel], doc: Document, problems: list[ConfigProblem]) -
         return None
 
 
-def _display(path: Path, root: Path) -> str:
+def _display(path: Path, cwd: Path) -> str:
     try:
-        return str(path.relative_to(Path.cwd()))
+        return str(path.relative_to(cwd))
     except ValueError:
         return str(path)
 
 
+def _read(path: Path, display: str) -> tuple[bytes, str]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([ConfigProblem(display, None, "", f"cannot read: {exc.strerror or exc}")]) from exc
+    return data, hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 @gc_paused()  # ~10^5 objects that all stay alive: see segguard/gcpause.py
-def load_config(directory: str | os.PathLike[str] | None = None) -> Config:
+def load_config(directory: str | os.PathLike[str] | None = None, previous: Config | None = None) -> Config:
+    """Load and validate the whole config directory. With `previous` (the last good
+    config of the same directory), a profile file whose bytes and site.yaml are both
+    unchanged is not parsed again: its validated profile is reused as it is (the agent
+    reloading after one edit of a 1,000-profile config). Cross-file checks always run
+    over every profile, so the result is the one a fresh load gives."""
     root = config_dir(directory)
+    cwd = Path.cwd()
     problems: list[ConfigProblem] = []
     site_path = root / "site.yaml"
     if not root.is_dir():
         raise ConfigError([ConfigProblem(str(root), None, "", "config directory does not exist")])
+    digests: dict[str, str] = {}
+    site_doc: Document | None
     try:
-        site_doc = load_yaml(site_path, _display(site_path, root)) if site_path.exists() else Document({}, SourceMap(_display(site_path, root)))
+        if site_path.exists():
+            data, digests[str(site_path)] = _read(site_path, _display(site_path, cwd))
+            site_doc = load_yaml(site_path, _display(site_path, cwd), data)
+        else:
+            site_doc = Document({}, SourceMap(_display(site_path, cwd)))
     except ConfigError as exc:
         problems.extend(exc.problems)
         site_doc = None
     site = _model(Site, site_doc, problems) if site_doc else None
+    reusable: dict[str, LoadedProfile] = {}
+    if (previous is not None and previous.directory == root and site is not None
+            and previous.digests.get(str(site_path)) == digests.get(str(site_path))):
+        reusable = {lp.source.file: lp for lp in previous.profiles}
 
-    docs: list[tuple[Document, Profile | None]] = []
-    profile_files = sorted((root / "profiles").glob("*.yaml")) + sorted((root / "profiles").glob("*.yml"))
-    for path in profile_files:
+    entries: list[LoadedProfile | tuple[Document, Profile | None]] = []
+    pdir = root / "profiles"
+    shown = _display(pdir, cwd)
+    # names, not Path objects: sorting and relative_to on a thousand Paths cost more
+    # than reading the files
+    names = [e.name for e in os.scandir(pdir)] if pdir.is_dir() else []
+    for name in sorted(n for n in names if n.endswith(".yaml")) + sorted(n for n in names if n.endswith(".yml")):
+        path = pdir / name
+        display = name if shown == "." else f"{shown}/{name}"
         try:
-            doc = load_yaml(path, _display(path, root))
+            data, digest = _read(path, display)
+            digests[str(path)] = digest
+            old = reusable.get(display)
+            if old is not None and previous.digests.get(str(path)) == digest:
+                entries.append(old)
+                continue
+            doc = load_yaml(path, display, data)
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue
-        docs.append((doc, _model(Profile, doc, problems)))
+        entries.append((doc, _model(Profile, doc, problems)))
 
     if site is None or problems:
         raise ConfigError(problems)
-    profiles = tuple(_resolve(site, doc, prof, problems) for doc, prof in docs if prof is not None)
+    profiles = tuple(e if isinstance(e, LoadedProfile) else _resolve(site, e[0], e[1], problems)
+                     for e in entries if isinstance(e, LoadedProfile) or e[1] is not None)
     _cross_checks(site, site_doc.source, profiles, problems)
     if problems:
         raise ConfigError(problems)
-    return Config(root, site, site_doc.source, profiles)
+    return Config(root, site, site_doc.source, profiles, digests)
 
 
 def _resolve(site: Site, doc: Document, prof: Profile, problems: list[ConfigProblem]) -> LoadedProfile:
@@ -179,11 +220,31 @@ def _same_ident(name: str, other: str) -> str:
     return f" as {other!r} ('-' and '_' are the same in nftables names)" if name != other else ""
 
 
+def _where(src: SourceMap, path: tuple) -> str:
+    return f"{src.file}:{src.line(path)}"
+
+
+def _ranges(nets) -> list[tuple[int, int, int]]:
+    return [(n.version, n.first, n.last) for n in map(netaddr.IPNetwork, nets)]
+
+
+def _inside(addr: netaddr.IPAddress, ranges: list[tuple[int, int, int]]) -> bool:
+    v, version = int(addr), addr.version
+    for ver, lo, hi in ranges:
+        if ver == version and lo <= v <= hi:
+            return True
+    return False
+
+
 def _cross_checks(site: Site, site_src: SourceMap, profiles: tuple[LoadedProfile, ...], problems: list[ConfigProblem]) -> None:
     seen_profile: dict[str, tuple[str, str]] = {}  # ident(name) -> (name, "file:line")
     guest_names: dict[str, str] = {}  # ident(name) -> name
-    seen: dict[tuple[str, str], str] = {}  # (kind, value) -> "file:line"
+    seen: dict[tuple[str, str], tuple[SourceMap, tuple]] = {}  # (kind, value) -> where (formatted only if needed)
     mgmt_vlans = set(site.management.vlans)
+    # as (version, first, last): netaddr's `in IPSet` costs ~80 hashes per address, and
+    # this runs for every guest address of the fleet on every reload
+    mgmt_ranges = _ranges(site.management.networks)
+    infra_ranges = _ranges([*site.hypervisor, *site.domain_controllers])
     for lp in profiles:
         src, prof = lp.source, lp.profile
         here = f"{src.file}:{src.line(('name',))}"
@@ -203,19 +264,18 @@ def _cross_checks(site: Site, site_src: SourceMap, profiles: tuple[LoadedProfile
             checks += [("IP", str(a), ("guests", gi, "ipv4", k)) for k, a in enumerate(guest.ipv4)]
             checks += [("IP", str(a), ("guests", gi, "ipv6", k)) for k, a in enumerate(guest.ipv6)]
             for kind, value, path in checks:
-                loc = f"{src.file}:{src.line(path)}"
                 if (kind, value) in seen:
                     shown = guest.name if kind == "guest name" else value
                     note = _same_ident(guest.name, guest_names[value]) if kind == "guest name" else ""
-                    problems.append(src.problem(path, f"{kind} {shown} is also used by {seen[(kind, value)]}{note}"))
+                    problems.append(src.problem(path, f"{kind} {shown} is also used by {_where(*seen[(kind, value)])}{note}"))
                 else:
-                    seen[(kind, value)] = loc
+                    seen[(kind, value)] = (src, path)
                     if kind == "guest name":
                         guest_names[value] = guest.name
             for k, addr in enumerate(guest.ipv4 + guest.ipv6):
                 fam = "ipv4" if addr.version == 4 else "ipv6"
                 idx = k if addr.version == 4 else k - len(guest.ipv4)
-                if addr in netaddr.IPSet(site.management.networks):
+                if _inside(addr, mgmt_ranges):
                     problems.append(src.problem(("guests", gi, fam, idx), f"{addr} is inside management.networks"))
-                if addr in netaddr.IPSet(site.hypervisor) or addr in netaddr.IPSet(site.domain_controllers):
+                if _inside(addr, infra_ranges):
                     problems.append(src.problem(("guests", gi, fam, idx), f"{addr} is a hypervisor or domain controller address"))

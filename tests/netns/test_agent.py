@@ -273,6 +273,43 @@ def test_bad_profile_keeps_the_old_policy_and_status_shows_file_line(lab, agent,
     wait_for(lambda: (agent.state_json() or {}).get("config_valid") and "5900" in json.dumps(live_table(hv)), "the fixed config")
 
 
+
+def test_a_profile_edit_is_one_element_delta_and_frames_follow_it(lab, agent, cfg):
+    """An edit of one profile's rules: the agent compiles that profile alone and sends
+    its element delta (road "profile"); the kernel then holds what a fresh compile of
+    the edited config gives, and frames follow the new rules (one port opened, one
+    closed). An edit that changes the kind of profile takes the full road."""
+    hv = lab.topology.hv_ns
+    xp, jump = lab.host("xp"), lab.host("jump")
+    prof = cfg / "profiles" / "xp-line3.yaml"
+    text = prof.read_text()
+
+    def reach() -> dict[int, bool]:
+        eps = {"jump": lab.sink("jump"), "xp": lab.sink("xp")}
+        with ProbeSession(eps, eps, settle=0.4) as s:
+            res = s.run([(str(p), "jump", Probe(kind="tcp", src_mac=jump.mac, dst_mac=xp.mac, src_ip=jump.ip4, dst_ip=xp.ip4,
+                                                dport=p), ["xp"]) for p in (3389, 5901)])
+        return {p: res[str(p)]["xp"] for p in (3389, 5901)}
+
+    def applied_since(n: int) -> list[dict]:
+        return [entry for entry in agent.logs()[n:] if entry["event"] == "applied"]
+
+    assert reach() == {3389: True, 5901: False}
+    n = len(agent.logs())
+    prof.write_text(text.replace("ports: [3389]", "ports: [5901]"))
+    wait_for(lambda: applied_since(n), "the edit applied")
+    (done,) = applied_since(n)
+    assert (done["road"], done["kind"]) == ("profile", "incremental"), done
+    assert reach() == {3389: False, 5901: True}
+    plan = agent.cli("plan", "-c", str(cfg))
+    assert plan.returncode == 0, plan.stdout + plan.stderr  # nothing left to change
+    # another kind of profile (default allow): new class chains, so the full road
+    n = len(agent.logs())
+    prof.write_text(text.replace("ports: [3389]", "ports: [5901]").replace("default: deny ", "default: allow"))
+    wait_for(lambda: applied_since(n), "the second edit applied")
+    assert applied_since(n)[0]["road"] == "full"
+    assert agent.cli("plan", "-c", str(cfg)).returncode == 0
+
 def test_kill_9_leaves_enforcement_and_a_restart_has_no_gap(lab, agent):
     hv = lab.topology.hv_ns
     before = live_table(hv)
