@@ -39,14 +39,26 @@ class ResolvedRule:
 
 @dataclass(frozen=True)
 class LoadedProfile:
+    """A validated profile as a loaded config keeps it: `egress`/`ingress` are the
+    resolved rules (profile.egress/ingress, the raw rule models, are emptied once
+    resolved), and `source` keeps the lines of what later cross-file checks can name
+    (the profile's name, bridge, VLAN and guests): an agent holds a thousand of these."""
     profile: Profile
     source: SourceMap
     egress: tuple[ResolvedRule, ...]
     ingress: tuple[ResolvedRule, ...]
 
+    def kept(self) -> LoadedProfile:
+        lines = {k: v for k, v in self.source.lines.items() if not k or k[0] in _KEPT_LINES}
+        return LoadedProfile(self.profile.model_copy(update={"egress": [], "ingress": []}),
+                             SourceMap(self.source.file, lines), self.egress, self.ingress)
+
     @property
     def name(self) -> str:
         return self.profile.name
+
+
+_KEPT_LINES = frozenset({"name", "bridge", "vlan", "guests", "mode", "default", "block"})
 
 
 @dataclass(frozen=True)
@@ -133,7 +145,11 @@ def load_config(directory: str | os.PathLike[str] | None = None, previous: Confi
             and previous.digests.get(str(site_path)) == digests.get(str(site_path))):
         reusable = {lp.source.file: lp for lp in previous.profiles}
 
-    entries: list[LoadedProfile | tuple[Document, Profile | None]] = []
+    loaded: list[LoadedProfile] = []
+    # Problems of rule resolution are reported only when no file failed to parse or
+    # to match the schema (as ever); each profile is resolved and slimmed as soon as
+    # it is read, so a thousand parsed documents never sit in memory at once.
+    resolve_problems: list[ConfigProblem] = []
     pdir = root / "profiles"
     shown = _display(pdir, cwd)
     # names, not Path objects: sorting and relative_to on a thousand Paths cost more
@@ -147,18 +163,20 @@ def load_config(directory: str | os.PathLike[str] | None = None, previous: Confi
             digests[str(path)] = digest
             old = reusable.get(display)
             if old is not None and previous.digests.get(str(path)) == digest:
-                entries.append(old)
+                loaded.append(old)
                 continue
             doc = load_yaml(path, display, data)
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue
-        entries.append((doc, _model(Profile, doc, problems)))
+        prof = _model(Profile, doc, problems)
+        if prof is not None and site is not None:
+            loaded.append(_resolve(site, doc, prof, resolve_problems).kept())
 
     if site is None or problems:
         raise ConfigError(problems)
-    profiles = tuple(e if isinstance(e, LoadedProfile) else _resolve(site, e[0], e[1], problems)
-                     for e in entries if isinstance(e, LoadedProfile) or e[1] is not None)
+    problems = resolve_problems
+    profiles = tuple(loaded)
     _cross_checks(site, site_doc.source, profiles, problems)
     if problems:
         raise ConfigError(problems)
