@@ -84,3 +84,19 @@ def test_a_binds_read_back_skips_only_what_fails_closed():
                 verdict = rule["expr"][-1]
                 audit = any("log" in x for x in rule["expr"])
                 assert (m["op"] == "!=" and ("drop" in verdict or audit)) or (m["op"] == "==" and "accept" in verdict), rule
+
+
+def test_a_sets_canonical_key_is_its_sorted_encoding_whatever_its_keys():
+    """The fast encoding of a set (each element encoded once) must equal the general
+    one, including for a listing with keys that sort before "elem"."""
+    import json
+
+    from segguard.apply.nftables import _dumps, canonical_key
+
+    for extra in ({}, {"comment": "x", "auto-merge": True}, {"flags": ["interval"], "handle": 7}):
+        o = {"set": {"family": "bridge", "table": "t", "name": "s", "type": ["ifname", "ipv4_addr"],
+                     "elem": [{"concat": ["b", "1.2.3.4"]}, {"concat": ["a", {"prefix": {"addr": "10.0.0.0", "len": 8}}]}], **extra}}
+        body = {k: v for k, v in o["set"].items() if k != "handle"}
+        body["elem"] = sorted(body["elem"], key=_dumps)
+        assert canonical_key(o) == _dumps({"set": body})
+        json.loads(canonical_key(o))
