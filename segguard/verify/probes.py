@@ -53,6 +53,17 @@ def new_marker() -> bytes:
     return MARKER_PREFIX + secrets.token_hex(6).encode()
 
 
+def fresh_marker(used: set[bytes]) -> bytes:
+    """A marker not in *used* (and added to it). 48 random bits make a repeat
+    unlikely, not impossible; a repeat within a session would credit one probe's
+    arrival to another, or drop it, so it is ruled out by construction."""
+    while True:
+        m = new_marker()
+        if m not in used:
+            used.add(m)
+            return m
+
+
 @dataclass(frozen=True)
 class Probe:
     """One frame to inject, described at the level a firewall rule sees it.
@@ -410,6 +421,7 @@ class ProbeSession:
         self.python = python or sys.executable
         self.start_timeout = start_timeout
         self._workers: dict[Endpoint, _Worker] = {}
+        self._markers_used: set[bytes] = set()
         self.last_report: BatchReport | None = None
 
     # ---------------------------------------------------------------- lifecycle
@@ -480,7 +492,7 @@ class ProbeSession:
             for s in sinks:
                 if s not in self.sinks:
                     raise KeyError(f"probe {pid}: unknown sink {s!r}")
-            marker = new_marker()
+            marker = fresh_marker(self._markers_used)
             markers[pid] = marker.decode()
             frames[pid] = build_frame(probe, marker)
             per_sender.setdefault(sender, []).append(frames[pid].hex())
@@ -488,8 +500,7 @@ class ProbeSession:
         sink_workers = {name: self._worker(ep) for name, ep in self.sinks.items()}
         # Clear noise counted since the last batch so sink_frames is per batch.
         unique_sinks = {id(w): w for w in sink_workers.values()}
-        for w in unique_sinks.values():
-            w.call({"op": "collect", "reset": True})
+        self._collect_all(unique_sinks)
 
         # Senders work in parallel; replies are awaited afterwards.
         sending = [(self._worker(self.senders[name]), hexes) for name, hexes in per_sender.items()]
@@ -501,9 +512,7 @@ class ProbeSession:
                 raise ProbeError(f"sender {w.label} sent {reply.get('sent')} of {len(hexes)} frames")
         time.sleep(self.settle)
 
-        collected: dict[int, dict[str, Any]] = {}
-        for key, w in unique_sinks.items():
-            collected[key] = w.call({"op": "collect", "reset": True})
+        collected = self._collect_all(unique_sinks)
 
         by_marker = {m: pid for pid, m in markers.items()}
         seen_at: dict[str, dict[str, Sighting]] = {pid: {} for pid in ids}
@@ -525,6 +534,15 @@ class ProbeSession:
         report = BatchReport(results, markers, seen_at, sink_frames, frames)
         self.last_report = report
         return report
+
+    @staticmethod
+    def _collect_all(workers: Mapping[int, _Worker], timeout: float = 10.0) -> dict[int, dict[str, Any]]:
+        """collect+reset on every sink at once: all requests first, then the replies,
+        so a hundred sinks cost one round trip, not a hundred in a row."""
+        for w in workers.values():
+            w.send({"op": "collect", "reset": True})
+        deadline = time.monotonic() + timeout
+        return {key: w.checked(w.recv(max(0.1, deadline - time.monotonic()))) for key, w in workers.items()}
 
 
 # --------------------------------------------------------------------------- probe ports

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import select
 import socket
 import struct
 import sys
@@ -67,9 +68,17 @@ class Sighting:
 
 
 class Capture:
-    """Inbound-frame recorder on one interface."""
+    """Inbound-frame recorder on one interface.
 
-    def __init__(self, iface: str) -> None:
+    Every frame is taken off the socket and recorded under ``lock``, by the reader
+    thread or by ``collect`` itself, which first drains whatever the socket still
+    holds: a collect reports every frame that reached the socket before it was
+    asked, however far the reader thread lags behind (on a loaded host, with a
+    hundred guests' probes at one sink, it can; a frame left in the socket would
+    have read as "not arrived", i.e. blocked).
+    """
+
+    def __init__(self, iface: str, *, start: bool = True) -> None:
         self.iface = iface
         self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         self.sock.bind((iface, ETH_P_ALL))
@@ -80,47 +89,60 @@ class Capture:
             self.sock.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)  # SO_RCVBUFFORCE
         except OSError:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
+        self._cmsg_space = socket.CMSG_SPACE(_AUXDATA.size)
         self.lock = threading.Lock()
         self.frames = 0
         self.markers: dict[str, Sighting] = {}
         self.canaries_out: set[bytes] = set()
         self.error: str | None = None
         self.thread = threading.Thread(target=self._loop, name="capture", daemon=True)
-        self.thread.start()
+        if start:
+            self.thread.start()
 
     def _loop(self) -> None:
-        cmsg_space = socket.CMSG_SPACE(_AUXDATA.size)
         try:
             while True:
-                data, ancdata, _flags, addr = self.sock.recvmsg(65536, cmsg_space)
-                pkttype = addr[2]
-                if pkttype == PACKET_OUTGOING:
-                    # Our own transmissions: only the self-test canary matters.
-                    if CANARY_PREFIX in data:
-                        with self.lock:
-                            self.canaries_out.add(data[data.index(CANARY_PREFIX):][:19])
-                    continue
-                vlan: tuple[int, int] | None = None
-                for level, ctype, cdata in ancdata:
-                    if level == SOL_PACKET and ctype == PACKET_AUXDATA and len(cdata) >= _AUXDATA.size:
-                        status, _l, _s, _m, _n, tci, tpid = _AUXDATA.unpack_from(cdata)
-                        if status & TP_STATUS_VLAN_VALID:
-                            vlan = (tpid if status & TP_STATUS_VLAN_TPID_VALID else 0x8100, tci)
-                found = MARKER_RE.findall(data)
+                select.select([self.sock], [], [])
                 with self.lock:
-                    self.frames += 1
-                    for raw in found:
-                        s = self.markers.setdefault(raw.decode(), Sighting())
-                        s.count += 1
-                        s.pkttypes.add(pkttype)
-                        s.length = s.length or len(data)
-                        if vlan is not None:
-                            s.vlans.add(vlan)
+                    self._drain()
         except Exception as exc:  # noqa: BLE001 - reported to the orchestrator, never silent
             self.error = f"{type(exc).__name__}: {exc}"
 
+    def _drain(self) -> int:
+        """Record every frame the socket holds now. Caller holds ``lock``."""
+        n = 0
+        while True:
+            try:
+                data, ancdata, _flags, addr = self.sock.recvmsg(65536, self._cmsg_space, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return n
+            n += 1
+            self._record(data, ancdata, addr[2])
+
+    def _record(self, data: bytes, ancdata: list, pkttype: int) -> None:
+        if pkttype == PACKET_OUTGOING:
+            # Our own transmissions: only the self-test canary matters.
+            if CANARY_PREFIX in data:
+                self.canaries_out.add(data[data.index(CANARY_PREFIX):][:19])
+            return
+        vlan: tuple[int, int] | None = None
+        for level, ctype, cdata in ancdata:
+            if level == SOL_PACKET and ctype == PACKET_AUXDATA and len(cdata) >= _AUXDATA.size:
+                status, _l, _s, _m, _n, tci, tpid = _AUXDATA.unpack_from(cdata)
+                if status & TP_STATUS_VLAN_VALID:
+                    vlan = (tpid if status & TP_STATUS_VLAN_TPID_VALID else 0x8100, tci)
+        self.frames += 1
+        for raw in MARKER_RE.findall(data):
+            s = self.markers.setdefault(raw.decode(), Sighting())
+            s.count += 1
+            s.pkttypes.add(pkttype)
+            s.length = s.length or len(data)
+            if vlan is not None:
+                s.vlans.add(vlan)
+
     def collect(self, reset: bool) -> dict[str, Any]:
         with self.lock:
+            self._drain()
             out = {
                 "frames": self.frames,
                 "markers": {m: s.as_json() for m, s in self.markers.items()},
