@@ -38,10 +38,20 @@ from segguard.lab import netns as nl
 DEFAULT_PREFIX = "sglab-"
 BRIDGE = "br0"
 HOST_IFACE = "eth0"
-# the longest generated interface name is fixed ("vnet9", "mgmt0"...), but the
-# namespace name is not an interface name; keep prefixes short anyway so they
+# the longest generated interface name is fixed ("vnet9", "mgmt0", "lx149"...), but
+# the namespace name is not an interface name; keep prefixes short anyway so they
 # read well in `ip netns` and fit worker labels.
 MAX_PREFIX_LEN = 12
+# Extra legacy guests (``plan(..., extra_legacy=K)``): copies of the xp-line3-hmi kind
+# for scale tests.  Guest i is host/role ``lx<iii>`` in namespace ``<prefix>lx<iii>``,
+# port ``lx<iii>`` on br0, MAC 52:54:00:aa:01:<i hex>, IPv4 10.30.0.(100+i); one in
+# EXTRA_DUAL_STACK_EVERY (i % 4 == 1: lx001, lx005, ...) is dual-stack with
+# fd00:30::(100+i) (the lab's convention: the IPv4 host number's digits as the IPv6
+# host part).
+# 10.30.0.100-249 is free in the lab's /24, hence the cap.
+EXTRA_ROLE = "lx"
+MAX_EXTRA_LEGACY = 150
+EXTRA_DUAL_STACK_EVERY = 4
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,11 @@ class LabTopology:
     hosts: tuple[Host, ...]
     router_legs: tuple[RouterLeg, ...]
     bridge: str = BRIDGE
+    extra_legacy: int = 0
+
+    def extra_legacy_hosts(self) -> tuple[Host, ...]:
+        """The scale-test copies of the xp kind, in index order (empty by default)."""
+        return tuple(h for h in self.hosts if is_extra_role(h.role))
 
     def host(self, role: str) -> Host:
         """Look a host up by role ("hypervisor", "router", ...) or ns suffix ("hv", "rtr")."""
@@ -174,10 +189,36 @@ def _mac_port(mac: str) -> str:
     return "fe:" + mac.split(":", 1)[1]
 
 
-def plan(prefix: str = DEFAULT_PREFIX) -> LabTopology:
-    """The lab topology for *prefix*, without touching the kernel."""
+def extra_role(i: int) -> str:
+    return f"{EXTRA_ROLE}{i:03d}"
+
+
+def is_extra_role(role: str) -> bool:
+    return len(role) == len(EXTRA_ROLE) + 3 and role.startswith(EXTRA_ROLE) and role[len(EXTRA_ROLE):].isdigit()
+
+
+def extra_domain(i: int) -> str:
+    """The libvirt domain (and config guest) name extra guest *i* stands for."""
+    return f"lx-line3-hmi-{i:03d}"
+
+
+def _extra_host(p: str, i: int) -> Host:
+    role = extra_role(i)
+    mac = f"52:54:00:aa:01:{i:02x}"
+    v6 = f"fd00:30::{100 + i}/64" if i % EXTRA_DUAL_STACK_EVERY == 1 else None
+    return Host(role, p + role, HOST_IFACE, mac, f"10.30.0.{100 + i}/24", v6, role, _mac_port(mac),
+                domain=extra_domain(i))
+
+
+def plan(prefix: str = DEFAULT_PREFIX, *, extra_legacy: int = 0) -> LabTopology:
+    """The lab topology for *prefix*, without touching the kernel.
+
+    ``extra_legacy=K`` adds K more legacy guests on br0 (see EXTRA_ROLE) to the
+    built-in ones, for scale tests; everything else is the same lab."""
     if not prefix or len(prefix) > MAX_PREFIX_LEN or "/" in prefix:
         raise ValueError(f"lab prefix must be 1..{MAX_PREFIX_LEN} chars without '/': {prefix!r}")
+    if not 0 <= extra_legacy <= MAX_EXTRA_LEGACY:
+        raise ValueError(f"extra_legacy must be 0..{MAX_EXTRA_LEGACY}, not {extra_legacy}")
     p = prefix
 
     def bridged(role: str, suffix: str, port: str, mac: str, v4: str, v6: str | None,
@@ -198,12 +239,21 @@ def plan(prefix: str = DEFAULT_PREFIX) -> LabTopology:
              "mgmt0", "52:54:00:dd:00:01", segment="mgmt"),
         Host("inet", p + "inet", HOST_IFACE, "52:54:00:ee:00:10", "203.0.113.10/24", "2001:db8:113::10/64",
              "inet0", "52:54:00:ee:00:01", segment="inet"),
+        *(_extra_host(p, i) for i in range(extra_legacy)),
     )
     legs = (
         RouterLeg("mgmt0", "52:54:00:dd:00:01", "10.30.250.1/24", "fd00:250::1/64"),
         RouterLeg("inet0", "52:54:00:ee:00:01", "203.0.113.1/24", "2001:db8:113::1/64"),
     )
-    return LabTopology(prefix=p, hosts=hosts, router_legs=legs)
+    return LabTopology(prefix=p, hosts=hosts, router_legs=legs, extra_legacy=extra_legacy)
+
+
+def extra_legacy_present(prefix: str) -> int:
+    """How many extra legacy guests the lab built under *prefix* has (0 for the
+    built-in lab): the count of ``<prefix>lx<iii>`` namespaces, so a verify of a
+    running lab binds the same topology it was built with."""
+    n = len(prefix)
+    return sum(1 for name in nl.list_netns(prefix) if is_extra_role(name[n:]))
 
 
 # --------------------------------------------------------------------------- build / destroy
@@ -228,12 +278,13 @@ _QUIET_DEFAULTS = {
 }
 
 
-def build(prefix: str = DEFAULT_PREFIX, *, br_netfilter: bool = False, register_cleanup: bool = True) -> Lab:
+def build(prefix: str = DEFAULT_PREFIX, *, br_netfilter: bool = False, register_cleanup: bool = True,
+          extra_legacy: int = 0) -> Lab:
     """Build the lab in fresh namespaces named *prefix*..., removing leftovers first.
 
     On any failure the partial lab is destroyed before the exception propagates.
     """
-    topo = plan(prefix)
+    topo = plan(prefix, extra_legacy=extra_legacy)
     started = time.monotonic()
     destroy(prefix)
     if register_cleanup:
@@ -247,9 +298,9 @@ def build(prefix: str = DEFAULT_PREFIX, *, br_netfilter: bool = False, register_
 
 
 @contextlib.contextmanager
-def lab(prefix: str = DEFAULT_PREFIX, *, br_netfilter: bool = False) -> Iterator[Lab]:
+def lab(prefix: str = DEFAULT_PREFIX, *, br_netfilter: bool = False, extra_legacy: int = 0) -> Iterator[Lab]:
     """``with lab("sgx-") as l: ...`` -- always destroyed on exit."""
-    built = build(prefix, br_netfilter=br_netfilter)
+    built = build(prefix, br_netfilter=br_netfilter, extra_legacy=extra_legacy)
     try:
         yield built
     finally:
@@ -292,8 +343,8 @@ def _build(topo: LabTopology, *, br_netfilter: bool) -> None:
     for h in topo.hosts:
         nl.create_netns(h.ns)
         defaults = dict(_QUIET_DEFAULTS)
-        if h.role == "xp":
-            # Legacy XP guest: IPv4 only.  Disabling by default means eth0 is
+        if not h.ipv6:
+            # Legacy XP guests: IPv4 only.  Disabling by default means eth0 is
             # born without IPv6, so it never emits a single ND/MLD frame.
             defaults["net.ipv6.conf.default.disable_ipv6"] = 1
         nl.write_sysctls(h.ns, defaults)

@@ -113,7 +113,8 @@ def verify_lab(config_dir: str | Path | None, prefix: str, guests: list[str] | N
                lab_extras: bool = False) -> list[dict]:
     from segguard.flow import build_plan
 
-    topo = topology.plan(prefix)
+    # A scaled lab (built with extra_legacy=K) is bound as the topology it was built with.
+    topo = topology.plan(prefix, extra_legacy=topology.extra_legacy_present(prefix))
     missing = [ns for ns in topo.namespaces if not nl.netns_exists(ns)]
     if missing:
         raise LabError(f"the lab is not up (missing namespaces {', '.join(missing)}): run `segguard lab up --prefix {prefix}`")
@@ -133,4 +134,11 @@ def verify_lab(config_dir: str | Path | None, prefix: str, guests: list[str] | N
             extras.append(Extra(f"lab/ordinary-guest-internet/v{fam}",
                                 f"the ordinary guest (no profile) still reaches the internet host {dst}",
                                 b, Intent("guest", f"addr:{dst}", "tcp", fam, dst, dport=443)))
-    return run_expectations(exps, lambda g: _Binder(topo, hosts[g]), lambda role: topo.sink(role), extras)
+    binders: dict[str, _Binder] = {}
+
+    def binder_for(g: str) -> _Binder:
+        if g not in binders:
+            binders[g] = _Binder(topo, hosts[g])
+        return binders[g]
+
+    return run_expectations(exps, binder_for, lambda role: topo.sink(role), extras)

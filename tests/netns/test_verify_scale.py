@@ -1,19 +1,71 @@
-"""Verification at scale on the host kernel: a sink's collect reports every frame that
-reached its socket, however far its reader thread lags."""
+"""Verification at scale on the host kernel: the scaled lab (built-in lab plus K copies
+of the XP guest, each with its own namespace, port, profile) holds every extra guest's
+expectations, verdicts together equal verdicts alone, a missing wall is seen on the
+extra guests too, and nothing is left behind; and a sink's collect reports every frame
+that reached its socket, however far its reader thread lags."""
 from __future__ import annotations
 
 import socket
 import time
+from collections import defaultdict
 
 import pytest
 
+from segguard.apply.nftables import NftablesApplier
 from segguard.lab import netns as nl
+from segguard.lab import scaled, topology
+from segguard.verify.lab import apply_in_lab, verify_lab
 from segguard.verify.probes import Probe, build_frame, new_marker
 from segguard.verify.worker import Capture
 
 from .conftest import unique_prefix
 
 pytestmark = pytest.mark.netns
+K = 3
+
+
+def test_scaled_lab_extra_guests_hold_and_leave_nothing(tmp_path):
+    prefix = unique_prefix("sgs")
+    extras = [topology.extra_domain(i) for i in range(K)]
+    try:
+        with topology.lab(prefix, extra_legacy=K) as lab:
+            assert set(nl.list_netns(prefix)) == {h.ns for h in lab.hosts}
+            assert len(lab.hosts) == 10 + K and topology.extra_legacy_present(prefix) == K
+            cfg = scaled.write_config(tmp_path / "cfg", lab.topology)
+            _, plan, result = apply_in_lab(lab.topology, cfg)
+            assert result.changed
+            assert {b.guest for b in plan.bindings} >= set(extras)
+
+            results = verify_lab(cfg, prefix)
+            by_guest: dict[str, dict[str, dict]] = defaultdict(dict)
+            for r in results:
+                by_guest[r["guest"]][r["id"]] = r
+            assert set(by_guest) == {"xp-line3-hmi", "scada-line4-srv", *extras}
+            failed = [r for r in results if not r["pass"]]
+            assert not failed, failed
+            assert all(r["control"] == "arrived" for r in results if r["expected"] == "blocked")
+            # lx000 is an IPv4-only copy of the XP guest: the same checks; lx001 is dual-stack
+            assert len(by_guest[extras[0]]) == len(by_guest["xp-line3-hmi"])
+            assert f"{extras[1]}/guard-rail/internet/tcp6" in by_guest[extras[1]]
+
+            # One extra guest alone gets exactly the verdicts it got among all of them.
+            alone = {r["id"]: (r["pass"], r["observed"], r["control"]) for r in verify_lab(cfg, prefix, guests=[extras[1]])}
+            together = {i: (r["pass"], r["observed"], r["control"]) for i, r in by_guest[extras[1]].items()}
+            assert alone == together
+
+            # Take the wall down: the extra guests' guard rails must now be reported broken.
+            with nl.enter_netns(lab.topology.hv_ns):
+                assert NftablesApplier().remove(plan.table)
+            broken = {r["id"]: r for r in verify_lab(cfg, prefix, guests=extras)}
+            for g in extras:
+                r = broken[f"{g}/guard-rail/internet/tcp4"]
+                assert r["observed"] == "arrived" and not r["pass"], r
+            r = broken[f"{extras[1]}/guard-rail/domain-controller/udp6"]
+            assert r["observed"] == "arrived" and not r["pass"], r
+        assert nl.list_netns(prefix) == []
+    finally:
+        topology.destroy(prefix)
+    assert nl.list_netns(prefix) == []
 
 
 def test_collect_reports_frames_its_reader_thread_has_not_taken():
