@@ -363,6 +363,11 @@ def _class_chains(t: _Table, prof, out_c: str, in_c: str, shared: _Shared, state
         if d == "out":
             t.rule(c, [f.jump(shared.out_pre(prof, v))], "rogue services, ND/MLD, guard rails")
         else:
+            # toward the guest too, whatever the default: a tag, LLC/SNAP or a family it
+            # has no address for is nothing it can use, and something it may mis-parse
+            # (the fast path above can only accept what its port's elements name)
+            t.rule(c, [f.match(f.concat(port, f.payload("ether", "type")), "@port_types", "!="), *v.drop("ethertype")],
+                   "to the guest: only the ethertypes it uses (no tags, no LLC)")
             t.rule(c, [f.jump(shared.in_pre(prof, v))], "ARP, ND, guard rails")
 
         def both(c: str, exprs: list[dict[str, Any]], comment: str | None = None) -> None:

@@ -209,6 +209,12 @@ def _for_guest(config: Config, lp: LoadedProfile, b: Binding, neighbours: dict[i
                 add("anti-spoof", f"vlan-mgmt/{v(fam)}", f"802.1Q tag for management VLAN {mv} is dropped", "blocked",
                     replace(base, vlan_tags=((0x8100, mv),)))
             add("anti-spoof", f"llc-snap/{v(fam)}", "IP wrapped in 802.3 LLC/SNAP is dropped", "blocked", replace(base, llc_snap=True))
+            # ... and toward the guest, whatever its default
+            inward = Intent(f"addr:{neighbour}", "guest", "udp", fam, None, dport=9999)
+            add("anti-spoof", f"vlan-in/{v(fam)}", f"an 802.1Q-tagged frame (VLAN {prof.vlan}) to the guest is dropped", "blocked",
+                replace(inward, vlan_tags=((0x8100, prof.vlan),)))
+            add("anti-spoof", f"llc-snap-in/{v(fam)}", "IP wrapped in 802.3 LLC/SNAP to the guest is dropped", "blocked",
+                replace(inward, llc_snap=True))
             if not stateful:
                 # With bridge conntrack the kernel reassembles before any chain sees a
                 # fragment, so a lone fragment arrives for nobody and has no control.
@@ -237,6 +243,8 @@ def _for_guest(config: Config, lp: LoadedProfile, b: Binding, neighbours: dict[i
         if neighbour:
             add("anti-spoof", "no-ipv6", "a guest with no IPv6 address can send no IPv6 at all", "blocked",
                 Intent("guest", f"addr:{neighbour}", "udp", 6, neighbour, src_ip="fd00:30::99", dport=9999))
+            add("anti-spoof", "no-ipv6-in", "a guest with no IPv6 address is sent no IPv6 either", "blocked",
+                Intent(f"addr:{neighbour}", "guest", "udp", 6, "fd00:30::99", dport=9999))
     if neighbour4 := neighbours.get(4) if b.ipv4 else None:
         add("anti-spoof", "foreign-port", "the guest's MAC sent from another port is dropped", "blocked",
             Intent("unrestricted", f"addr:{neighbour4}", "udp", 4, neighbour4, src_mac=b.mac, dport=9999),

@@ -137,6 +137,30 @@ def test_spoofed_source_mac_is_never_learned_into_the_fdb(lab):
     assert _fdb_port_of(topo.hv_ns, forged) is None
 
 
+
+def test_frames_to_a_guest_carry_only_the_ethertypes_it_uses(lab):
+    """Toward a guest the ethertype whitelist holds too, also where the profile's
+    default is allow (scada-line4): no VLAN tag, no LLC/SNAP; and nothing of a family
+    the guest has no address for (an IPv6 neighbour solicitation to the IPv4-only xp)."""
+    apply_in_lab(lab.topology, None)
+    topo = lab.topology
+    xp, scada, guest = topo.host("xp"), topo.host("scada"), topo.host("guest")
+    eps = {"guest": topo.sink("guest"), "xp": topo.sink("xp"), "scada": topo.sink("scada")}
+    to_scada = dict(kind="udp", src_mac=guest.mac, dst_mac=scada.mac, src_ip=guest.ip4, dst_ip=scada.ip4, dport=9)
+    with ProbeSession(eps, eps, settle=0.3) as s:
+        res = s.run([
+            ("plain", "guest", Probe(**to_scada), ["scada"]),
+            ("tagged", "guest", Probe(**to_scada, vlan_tags=((0x8100, 30),)), ["scada"]),
+            ("prio-tag", "guest", Probe(**to_scada, vlan_tags=((0x8100, 0),)), ["scada"]),
+            ("snap", "guest", Probe(**to_scada, llc_snap=True), ["scada"]),
+            ("ns-to-v4-only", "guest", Probe(kind="icmp", family=6, src_mac=guest.mac, dst_mac=xp.mac, src_ip=guest.ip6,
+                                             dst_ip="fe80::5054:ff:feaa:1", icmp_type=135, ttl=255), ["xp"]),
+            ("ns-control", "guest", Probe(kind="icmp", family=6, src_mac=guest.mac, dst_mac=scada.mac, src_ip=guest.ip6,
+                                          dst_ip=scada.ip6, icmp_type=135, ttl=255), ["scada"]),
+        ])
+    assert res == {"plain": {"scada": True}, "tagged": {"scada": False}, "prio-tag": {"scada": False},
+                   "snap": {"scada": False}, "ns-to-v4-only": {"xp": False}, "ns-control": {"scada": True}}
+
 def test_cli_status_and_plan_against_the_live_kernel(lab):
     hv = lab.topology.hv_ns
     cfg = str(LAB_CONFIG)

@@ -629,6 +629,21 @@ def test_identity_checks_precede_everything_else_from_the_guest():
     assert nd[-1]["expr"] == [{"counter": None}, {"drop": None}] and all(r["expr"][-1] == {"return": None} for r in nd[:-1])
 
 
+
+def test_frames_to_the_guest_pass_the_ethertype_whitelist_before_any_accept_of_the_walk():
+    """Also for `default: allow`, where nothing else would stop a tagged or LLC frame
+    or a family the guest has no address for."""
+    plan = compile_plan(load_config(LAB), lab_facts())
+    check = [{"match": {"op": "!=", "left": {"concat": [{"meta": {"key": "oifname"}}, {"payload": {"protocol": "ether", "field": "type"}}]},
+                        "right": "@port_types"}}, {"counter": None}, {"drop": None}]
+    for chain in ("gin_inet_dom_deny", "gin_inet_dom_allow"):
+        rs = walk(plan, chain)
+        first_accept = next(i for i, r in enumerate(rs) if r["expr"][-1] == {"accept": None})
+        assert [r["expr"] for r in rs[:first_accept]] == [check], chain
+    # and the fast path before it accepts only through the port's own elements, which
+    # exist only for the families the guest has addresses in
+    assert port_elems(plan, "in_open6", "vnet7") == [] and port_elems(plan, "in_open4", "vnet7")
+
 # -------------------------------------------------------------------- guard rails
 @pytest.mark.parametrize("conntrack", [False, True])
 def test_guard_rails_come_before_every_allow_rule(conntrack):
