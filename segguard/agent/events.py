@@ -254,12 +254,25 @@ class ConfigWatcher:
             off = 0
             while off + _EVENT.size <= len(data):
                 wd, mask, _cookie, length = _EVENT.unpack_from(data, off)
+                name = data[off + _EVENT.size:off + _EVENT.size + length].rstrip(b"\0").decode(errors="replace")
                 off += _EVENT.size + length
                 if mask & 0x8000:  # IN_IGNORED: the watched directory went away
                     self.watches.pop(wd, None)
-                n += 1
+                    n += 1
+                elif self._relevant(self.watches.get(wd), name):
+                    n += 1
         self._arm()
         return n
+
+    def _relevant(self, where: Path | None, name: str) -> bool:
+        """Only what load_config reads: an editor's swap file or a temporary file
+        renamed into place a moment later would otherwise cost a reload that finds
+        nothing, and hold the real one back by the runner's minimum interval."""
+        if where is None or not name:
+            return True
+        if where == self.directory:
+            return name in ("site.yaml", "profiles")
+        return name.endswith((".yaml", ".yml"))
 
     def close(self) -> None:
         os.close(self.fd)

@@ -247,13 +247,21 @@ class Outcome:
 LINK_REASONS = frozenset({"link-new", "link-del", "link-moved", "bridge-address", "bridge-port"})
 
 
+_guest_index: tuple[Config, dict[str, int]] | None = None  # the last config's guest -> profile position
+
+
 def _sub_config(config: Config, guests: set[str]) -> Config:
-    """The config with only `guests` (and their profiles)."""
+    """The config with only `guests` (and their profiles), in the config's order."""
+    global _guest_index
+    if _guest_index is None or _guest_index[0] is not config:
+        # a tap's bind must not walk a thousand profiles to find its own
+        _guest_index = (config, {g.name: i for i, lp in enumerate(config.profiles) for g in lp.profile.guests})
+    where = _guest_index[1]
     profiles = []
-    for lp in config.profiles:
+    for i in sorted({where[g] for g in guests if g in where}):
+        lp = config.profiles[i]
         mine = [g for g in lp.profile.guests if g.name in guests]
-        if mine:
-            profiles.append(dataclasses.replace(lp, profile=lp.profile.model_copy(update={"guests": mine})))
+        profiles.append(dataclasses.replace(lp, profile=lp.profile.model_copy(update={"guests": mine})))
     return dataclasses.replace(config, profiles=tuple(profiles))
 
 
@@ -302,7 +310,7 @@ class Reconciler:
         self.former_ports: dict[str, Binding] = {}
         self.dirty = False                      # applied.json lags behind (written when idle)
         self.fast_path_skipped: str | None = None
-        self.road = ""                          # the last reconcile's: "fast" (one binding) or "full"
+        self.road = ""                          # the last reconcile's: "fast" (one binding), "profile" (edited profiles) or "full"
         self.generation = 0                     # bumped by every write of ours
         self._index = None                      # (config, guests by tap MAC, by explicit port, by MAC)
         self._profiles_changed = None           # (config before the last load, names of profiles it changed)

@@ -77,9 +77,10 @@ def _split(objects: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[st
     for obj in objects:
         kind, body = next(iter(obj.items()))
         if kind in ("set", "map") and body.get("name") in ELEMENT_OBJECTS:
-            body = copy.deepcopy(body)
-            elems[body["name"]] = (kind, body.pop("elem", []))
-            rest.append({kind: body})
+            # a shallow copy without the elements: both halves are only read from here
+            # on (a deep copy of every port-keyed set was a tenth of a tap's bind)
+            elems[body["name"]] = (kind, body.get("elem", []))
+            rest.append({kind: {k: v for k, v in body.items() if k != "elem"}})
         else:
             rest.append(obj)
     return rest, elems

@@ -426,8 +426,7 @@ def _fast_path(t: _Table, c: str, d: str, key, prof, shared: _Shared, stateful: 
       the walk (its conntrack rules) unchanged.
     The interval halves of the sets stay in the walk. Equivalence is held by the lab,
     netns and kernel-lab tests, which probe each of those cases."""
-    plain = {4: [f.match(f.bitand(f.payload("ip", "frag-off"), 0x3FFF), 0)],
-                 6: [f.exthdr_missing("frag")]}
+    plain = {4: [f.match(f.bitand(f.payload("ip", "frag-off"), 0x3FFF), 0)], 6: [f.exthdr_missing("frag")]}
     if d == "out":
         dhcp = t.const("dhcp_server_ports", "inet_service", [67, 547])
         linklocal = t.const("ip6_linklocal", "ipv6_addr", IP6_LINKLOCAL, interval=True)

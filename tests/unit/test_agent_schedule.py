@@ -2,6 +2,8 @@
 not pile up."""
 from __future__ import annotations
 
+import os
+
 from segguard.agent.schedule import BoundedRunner, Periodic, Scheduler
 
 
@@ -46,3 +48,26 @@ def test_scheduler_timeout_is_the_earliest_deadline():
     assert s.timeout(0.5) == 0.5
     assert s.run_due(1.0) == 1
     assert s.timeout(1.0, cap=5.0) == 5.0
+
+
+def test_config_watcher_counts_only_what_load_config_reads(tmp_path):
+    """A temporary file written next to a profile (then renamed over it) must not cost
+    a reload of its own: that reload finds nothing and holds back the real one."""
+    from segguard.agent.events import ConfigWatcher
+
+    (tmp_path / "profiles").mkdir()
+    w = ConfigWatcher(tmp_path)
+    try:
+        (tmp_path / "profiles" / "a.yaml.tmp").write_text("x")
+        (tmp_path / "notes.txt").write_text("x")
+        assert w.read() == 0
+        os.replace(tmp_path / "profiles" / "a.yaml.tmp", tmp_path / "profiles" / "a.yaml")
+        assert w.read() > 0
+        (tmp_path / "site.yaml").write_text("x")
+        assert w.read() > 0
+        (tmp_path / "profiles" / "b.yml").write_text("x")
+        assert w.read() > 0
+        (tmp_path / "profiles" / "a.yaml").unlink()
+        assert w.read() > 0
+    finally:
+        w.close()
