@@ -55,7 +55,7 @@ def run_shape(shape: str, n: int, runs: int, ns: str, incremental) -> dict:
     from segguard.config.validate import load_config
     from segguard.lab import netns as nl
 
-    out: dict[str, list[float]] = {k: [] for k in ("full_apply", "full_send", "change_one", "change_one_apply", "change_one_txn", "bind_tap", "bind_tap_apply", "bind_tap_txn", "bind_tap_readback", "remove")}
+    out: dict[str, list[float]] = {k: [] for k in ("full_apply", "full_send", "change_one", "change_one_apply", "change_one_txn", "bind_tap", "bind_tap_apply", "bind_tap_txn", "bind_tap_readback", "list_text", "remove")}
     last = n - 1
     with c.tempdir(f"apply{n}") as d, nl.enter_netns(ns):
         applier = NftablesApplier()
@@ -76,6 +76,14 @@ def run_shape(shape: str, n: int, runs: int, ns: str, incremental) -> dict:
             batch = replace_batch(base)
             t, _ = c.timed(lambda: applier.nft.run(batch, "bench"))
             out["full_send"].append(t)
+            # what libnftables alone takes to list the table (text, no JSON, no Python
+            # objects): the floor under any read-back that goes through it
+            applier.nft._nft.set_json_output(False)
+            try:
+                t, _ = c.timed(lambda: applier.nft._nft.cmd(f"list table bridge {base.table}"))
+            finally:
+                applier.nft._nft.set_json_output(True)
+            out["list_text"].append(t)
 
             # change one guest's profile (an admin edit), N loaded
             if shape == "shared":
@@ -154,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in results:
         st = r["stats"]
         for key, label in (("full_apply", "full apply (+read-back)"), ("full_send", "  replace transaction, N loaded"),
+                           ("list_text", "  libnftables' own listing (text)"),
                            ("change_one", "change one guest (load+compile+apply)"), ("change_one_txn", "  delta transaction only"), ("bind_tap", "bind one tap (compile+apply)"), ("bind_tap_txn", "  delta transaction only"), ("bind_tap_readback", "  read-backs"), ("remove", "remove table")):
             rows.append(c.stat_row(f"{r['shape']} N={r['n']} {label}", st[key]))
     c.table("apply (benchmark namespace, libnftables JSON, one transaction each)", c.STAT_HEADERS, rows)
