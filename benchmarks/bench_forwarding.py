@@ -1,11 +1,14 @@
 """Bridge forwarding with 1,000 guests' policies loaded, traffic to the LAST guest:
 throughput (iperf3, TCP) and request/response latency (1-byte TCP ping-pong, p50/p99),
-for five configurations of the same bridge, interleaved round by round:
+for seven configurations of the same bridge, interleaved round by round:
   none      no nftables table at all
   empty     one bridge table with one empty forward base chain: the floor, what any
             bridge-family filter costs before it matches anything
   dispatch  segguard's table with nothing dispatched (the dispatch maps empty): the
             base chains and the guest port's netdev ingress chain, no class chain
+  -macguard "dispatch" without prerouting/input's two legacy-MAC guard rules, and
+  -netdev   "dispatch" without the netdev ingress table: NOT safe policies, only
+            what each part of the fixed cost is (removal experiments)
   segguard  segguard's table: dispatch by port through a verdict map to the profile
             kind's chain, each allow one lookup in a port-keyed set
   naive     the foil: one linear chain of per-guest rules (22 per guest), the last
@@ -117,6 +120,24 @@ def undispatched(batch: dict) -> dict:
     return out
 
 
+def without(batch: dict, pred) -> dict:
+    return {"nftables": [cmd for cmd in copy.deepcopy(batch)["nftables"] if not pred(cmd)]}
+
+
+def _is_mac_guard(cmd: dict) -> bool:
+    r = cmd.get("add", {}).get("rule")
+    return bool(r) and r["chain"] in ("prerouting", "input") and not any("vmap" in e for e in r["expr"])
+
+
+def _is_netdev(cmd: dict) -> bool:
+    for verb in ("add", "delete"):
+        body = cmd.get(verb)
+        inner = next(iter(body.values())) if isinstance(body, dict) else None
+        if isinstance(inner, dict) and inner.get("family") == "netdev":
+            return True
+    return False
+
+
 def iperf(cli: str, seconds: int) -> float:
     out = subprocess.run(["ip", "netns", "exec", cli, "iperf3", "-c", c.guest_v4(LAST), "-p", str(IPERF_PORT),
                           "-t", str(seconds), "-J"], capture_output=True, text=True, check=True, timeout=seconds + 30)
@@ -144,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     from segguard.lab import netns as nl
 
     servers: list[subprocess.Popen] = []
-    kinds = ("none", "empty", "dispatch", "segguard", "naive")
+    kinds = ("none", "empty", "dispatch", "-macguard", "-netdev", "segguard", "naive")
     res = {k: {"bps": [], "rtt": []} for k in kinds}
     with c.tempdir("fwd") as d, c.bench_netns("fhv") as hv, c.bench_netns("fcli") as cli, c.bench_netns("fsrv") as srv:
         try:
@@ -154,6 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
             naive = naive_batch()
             seg_batch = replace_batch(plan)
             batches = {"none": None, "empty": empty_batch(), "dispatch": undispatched(seg_batch), "segguard": seg_batch,
+                       "-macguard": without(undispatched(seg_batch), _is_mac_guard),
+                       "-netdev": without(undispatched(seg_batch), _is_netdev),
                        "naive": naive}
             servers.append(subprocess.Popen(["ip", "netns", "exec", srv, "iperf3", "-s", "-p", str(IPERF_PORT)],
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -198,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = summary["none"]
     rows = []
     rule_count = {"none": 0, "empty": 0, "dispatch": seg_rules, "segguard": seg_rules, "naive": naive_rules}
+    rule_count.update({k: sum(1 for x in batches[k]["nftables"] if "rule" in x.get("add", {})) for k in ("-macguard", "-netdev")})
     for k in kinds:
         s = summary[k]
         rows.append([k, rule_count[k], s["gbps"]["n"], f"{s['gbps']['median']:.2f}",
