@@ -542,15 +542,12 @@ class Reconciler:
         plan = dataclasses.replace(base, bindings=tuple(bindings))
         if changed:
             sub = self._sub_config(changed)
-            before = compile_nft(sub, old_facts, [b for b in old if b.guest in changed], base.stateful, base.table)
-            after = compile_nft(sub, facts, [b for b in bindings if b.guest in changed], base.stateful, base.table)
-            delta = rebind_delta(before, after, live)
-            if delta is None:
-                return self._skip("the changed guests' slices differ in more than elements")
-            if not delta.empty:
-                if (why := self._send(delta)) is not None:
-                    return self._skip(why)
-                kind, changes = "incremental", delta.describe()
+            sent = self._slice_delta(compile_nft(sub, old_facts, [b for b in old if b.guest in changed], base.stateful, base.table),
+                                     compile_nft(sub, facts, [b for b in bindings if b.guest in changed], base.stateful, base.table),
+                                     "guests")
+            if isinstance(sent, str):
+                return self._skip(sent)
+            kind, changes = sent
         for b in old:
             if b.port:
                 self.former_ports[b.port] = b
@@ -567,6 +564,18 @@ class Reconciler:
             if vlan_changes:
                 self.dirty = True
         return self._done(kind, start, reasons, changes, (), vlan_changes)
+
+    def _slice_delta(self, before: list[dict[str, Any]], after: list[dict[str, Any]], what: str) -> tuple[str, list[str]] | str:
+        """Send the element delta between two slices of the same sub-config: (kind,
+        changes) when done, or why the full road must take over."""
+        delta = rebind_delta(before, after, self._live)
+        if delta is None:
+            return f"the changed {what}' slices differ in more than elements"
+        if delta.empty:
+            return "none", []
+        if (why := self._send(delta)) is not None:
+            return why
+        return "incremental", delta.describe()
 
     def _send(self, delta) -> str | None:
         """One element transaction, then the read-back of the dispatch objects it
@@ -623,15 +632,13 @@ class Reconciler:
             old_b = [b for b in base.bindings if b.guest in guests]
             if bound != old_b:
                 return self._skip("the changed profiles' guests bind differently (mode or kind of profile changed)")
-            delta = rebind_delta(compile_nft(_sub_config(before, guests), facts, old_b, base.stateful, base.table),
-                                 compile_nft(_sub_config(self.config, guests), facts, bound, base.stateful, base.table), live)
-            if delta is None:
-                return self._skip("the changed profiles' slices differ in more than elements")
-            if not delta.empty:
-                if (why := self._send(delta)) is not None:
-                    return self._skip(why)
-                kind, changes = "incremental", delta.describe()
-                self.table_check_wanted = True
+            sent = self._slice_delta(compile_nft(_sub_config(before, guests), facts, old_b, base.stateful, base.table),
+                                     compile_nft(_sub_config(self.config, guests), facts, bound, base.stateful, base.table),
+                                     "profiles")
+            if isinstance(sent, str):
+                return self._skip(sent)
+            kind, changes = sent
+            self.table_check_wanted = kind == "incremental"
         self.road = "profile"
         self._facts_config = self.config
         self._index = None
