@@ -628,12 +628,13 @@ class Reconciler:
             guests |= {g.name for g in n.guests}
         kind, changes = "none", []
         if guests:
-            bound, _warnings = bind_guests(_sub_config(self.config, guests), facts)
+            edited = _sub_config(self.config, guests)
+            bound, _warnings = bind_guests(edited, facts)
             old_b = [b for b in base.bindings if b.guest in guests]
             if bound != old_b:
                 return self._skip("the changed profiles' guests bind differently (mode or kind of profile changed)")
             sent = self._slice_delta(compile_nft(_sub_config(before, guests), facts, old_b, base.stateful, base.table),
-                                     compile_nft(_sub_config(self.config, guests), facts, bound, base.stateful, base.table),
+                                     compile_nft(edited, facts, bound, base.stateful, base.table),
                                      "profiles")
             if isinstance(sent, str):
                 return self._skip(sent)
