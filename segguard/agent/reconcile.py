@@ -247,22 +247,19 @@ class Outcome:
 LINK_REASONS = frozenset({"link-new", "link-del", "link-moved", "bridge-address", "bridge-port"})
 
 
-_guest_index: tuple[Config, dict[str, int]] | None = None  # the last config's guest -> profile position
-
-
-def _sub_config(config: Config, guests: set[str]) -> Config:
-    """The config with only `guests` (and their profiles), in the config's order."""
-    global _guest_index
-    if _guest_index is None or _guest_index[0] is not config:
-        # a tap's bind must not walk a thousand profiles to find its own
-        _guest_index = (config, {g.name: i for i, lp in enumerate(config.profiles) for g in lp.profile.guests})
-    where = _guest_index[1]
+def _sub_config(config: Config, guests: set[str], where: dict[str, int]) -> Config:
+    """The config with only `guests` (and their profiles), in the config's order;
+    `where`: each guest's profile position in `config`."""
     profiles = []
     for i in sorted({where[g] for g in guests if g in where}):
         lp = config.profiles[i]
         mine = [g for g in lp.profile.guests if g.name in guests]
         profiles.append(dataclasses.replace(lp, profile=lp.profile.model_copy(update={"guests": mine})))
     return dataclasses.replace(config, profiles=tuple(profiles))
+
+
+def _only_profiles(config: Config, names: set[str]) -> Config:
+    return dataclasses.replace(config, profiles=tuple(lp for lp in config.profiles if lp.name in names))
 
 
 def _changed_profiles(old: Config, new: Config) -> set[str] | None:
@@ -313,6 +310,7 @@ class Reconciler:
         self.road = ""                          # the last reconcile's: "fast" (one binding), "profile" (edited profiles) or "full"
         self.generation = 0                     # bumped by every write of ours
         self._index = None                      # (config, guests by tap MAC, by explicit port, by MAC)
+        self._guest_pos = None                  # (config, guest -> profile position): a bind must not walk every profile
         self._profiles_changed = None           # (config before the last load, names of profiles it changed)
         self.table_check_wanted = False         # a whole-table read-back should follow (off the loop)
         from segguard.agent.vlans import VlanLayer
@@ -628,12 +626,13 @@ class Reconciler:
             guests |= {g.name for g in n.guests}
         kind, changes = "none", []
         if guests:
-            edited = _sub_config(self.config, guests)
+            # every guest of a changed profile is in the slice: whole profiles, by name
+            edited = _only_profiles(self.config, changed)
             bound, _warnings = bind_guests(edited, facts)
             old_b = [b for b in base.bindings if b.guest in guests]
             if bound != old_b:
                 return self._skip("the changed profiles' guests bind differently (mode or kind of profile changed)")
-            sent = self._slice_delta(compile_nft(_sub_config(before, guests), facts, old_b, base.stateful, base.table),
+            sent = self._slice_delta(compile_nft(_only_profiles(before, changed), facts, old_b, base.stateful, base.table),
                                      compile_nft(edited, facts, bound, base.stateful, base.table),
                                      "profiles")
             if isinstance(sent, str):
@@ -679,7 +678,9 @@ class Reconciler:
         return out if len(bound) == len(set(bound)) else None
 
     def _sub_config(self, guests: set[str]) -> Config:
-        return _sub_config(self.config, guests)
+        if self._guest_pos is None or self._guest_pos[0] is not self.config:
+            self._guest_pos = (self.config, {g.name: i for i, lp in enumerate(self.config.profiles) for g in lp.profile.guests})
+        return _sub_config(self.config, guests, self._guest_pos[1])
 
     def _skip(self, why: str) -> None:
         self.fast_path_skipped = why
