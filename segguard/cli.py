@@ -345,7 +345,7 @@ def audit_vlans(config: Optional[Path] = ConfigOpt, as_json: bool = JsonOpt,
     host uses, and every port (legacy or not) that can reach a management VLAN."""
     from segguard.audit import audit_lines, audit_vlans as build
     from segguard.config.validate import load_config
-    from segguard.flow import build_plan, live_facts
+    from segguard.flow import build_plan
     from segguard.host import HostFacts
 
     cfg = load_config(config)

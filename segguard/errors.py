@@ -5,7 +5,7 @@ the only place that turns them into messages and exit codes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 

@@ -6,7 +6,7 @@ into the same shape (`realized`) so the two compare with ==.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 TABLE = "segguard"

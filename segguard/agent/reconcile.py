@@ -517,7 +517,6 @@ class Reconciler:
         """A port came, went or moved: compile only the guests whose binding changed,
         send their element delta in one transaction, read back only what it touched.
         None when anything else changed too (the full road then decides)."""
-        from segguard.compile.bind import bind_guests
         from segguard.compile.nft import compile_nft
         from segguard.compile.vlan import vlan_layer_missing
 

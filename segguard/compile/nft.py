@@ -30,7 +30,7 @@ import netaddr
 
 from segguard.compile import fragments as f
 from segguard.config.schema import AD_PORTS
-from segguard.config.validate import Config, LoadedProfile, ResolvedRule
+from segguard.config.validate import Config
 from segguard.host import HostFacts
 from segguard.compile.policy import EXACT_SUFFIX, INTERVAL_SETS, PortPolicy, port_elements, port_set_types
 from segguard.plan import Binding

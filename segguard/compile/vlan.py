@@ -13,7 +13,7 @@ other guests, so it is a refusal unless `bridges.<br>.allow_vlan_removal` says s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from segguard.config.validate import Config

@@ -12,7 +12,7 @@ import netaddr
 from pydantic import BaseModel, ValidationError
 
 from segguard.config.loader import Document, SourceMap, load_yaml
-from segguard.config.schema import AD_PORTS, Guest, Profile, Site
+from segguard.config.schema import Guest, Profile, Site
 from segguard.errors import ConfigError, ConfigProblem
 from segguard.gcpause import gc_paused
 
@@ -214,7 +214,6 @@ def _resolve(site: Site, doc: Document, prof: Profile, problems: list[ConfigProb
             rr = ResolvedRule(direction, i, tuple(names), tuple(peers), rule.proto, tuple(rule.ports))
             where = (direction, i, key)
             peerset = netaddr.IPSet(peers)
-            verb = "to" if direction == "egress" else "from"
             if peerset & mgmt:
                 problems.append(src.problem(where, f"rule {rr.label}: {_fmt(peerset & mgmt)} is in management.networks, which a legacy guest may never reach"))
             if peerset & hyp:

@@ -6,7 +6,7 @@ and stored as JSON beside each golden case, so compiling never touches the kerne
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from segguard.host.vlans import PortVlans
 

@@ -9,12 +9,11 @@ arrive, so a silent sink can never pass for a working wall.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import netaddr
 
-from segguard.config.schema import AD_PORTS
 from segguard.config.validate import Config, LoadedProfile
 from segguard.plan import Binding, Plan
 

@@ -279,7 +279,6 @@ def test_a_profile_edit_is_one_element_delta_and_frames_follow_it(lab, agent, cf
     its element delta (road "profile"); the kernel then holds what a fresh compile of
     the edited config gives, and frames follow the new rules (one port opened, one
     closed). An edit that changes the kind of profile takes the full road."""
-    hv = lab.topology.hv_ns
     xp, jump = lab.host("xp"), lab.host("jump")
     prof = cfg / "profiles" / "xp-line3.yaml"
     text = prof.read_text()
