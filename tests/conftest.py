@@ -18,7 +18,7 @@ import pytest
 IN_LAB = os.environ.get("SEGGUARD_KERNEL_LAB") == "1"
 LAB_SKIP = ("needs kernel features the host lacks; runs in the kernel lab: "
             "python -m tests.kernel_lab.runner")
-NETNS_SKIP = "needs root (creates network namespaces and nftables rules)"
+NETNS_SKIP = "needs root (creates network namespaces and nftables rules); runs as root in ./dev.sh test, which CI runs"
 # Modules the lab kernel must provide (loaded, or built in).
 LAB_MODULES = ("bridge", "8021q", "nf_conntrack_bridge")
 
