@@ -48,6 +48,7 @@ class Agent:
         self.metrics = Metrics()
         self.metrics_addr = metrics_addr
         self.rec = Reconciler(config_dir, self.log, self.metrics)
+        self.cfgwatch = None
         self.verify_results: dict = {}
         self.verifying: dict | None = None
         self.started = time.time()
@@ -71,8 +72,15 @@ class Agent:
     # -- tasks ------------------------------------------------------------------------
     def _reconcile(self, reasons: frozenset[str]) -> None:
         if self._reload or "config" in reasons:
+            # the watcher's names let the reload read only the edited files; SIGHUP
+            # (or no watcher) reads everything
+            changed = self.cfgwatch.take() if self.cfgwatch is not None else None
+            if not self.rec.load(changed=None if self._reload else changed) and self.cfgwatch is not None:
+                # the names are relative to the last good config: a failed load must
+                # not forget them, or fixing one of two broken files would leave the
+                # other one's old version in force
+                self.cfgwatch.put_back(changed)
             self._reload = False
-            self.rec.load()
         outcome = self.rec.reconcile(reasons)
         # A refused or differing apply notifies nft listeners like any other change;
         # back off so a kernel that keeps refusing does not get a transaction per event.

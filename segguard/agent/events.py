@@ -221,7 +221,11 @@ _EVENT = struct.Struct("iIII")
 
 class ConfigWatcher:
     """inotify on the config directory and its profiles/ (re-armed when profiles/ is
-    created or replaced). Editors write-and-rename, so renames count as changes."""
+    created or replaced). Editors write-and-rename, so renames count as changes.
+
+    It also keeps the names of the profile files that changed since the last `take()`,
+    so a reload reads only those: None when it cannot say (site.yaml or the profiles
+    directory itself changed, the kernel's queue overflowed), which means read all."""
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
@@ -232,6 +236,7 @@ class ConfigWatcher:
             raise OSError(ctypes.get_errno(), "inotify_init1")
         self.fd = fd
         self.watches: dict[int, Path] = {}
+        self.changed: set[str] | None = set()
         self._arm()
 
     def _arm(self) -> None:
@@ -240,9 +245,23 @@ class ConfigWatcher:
                 wd = self._libc.inotify_add_watch(self.fd, str(d).encode(), _IN_MASK)
                 if wd >= 0:
                     self.watches[wd] = d
+                    if d.name == "profiles":
+                        self.changed = None  # whatever it holds now was not seen arriving
 
     def fileno(self) -> int:
         return self.fd
+
+    def take(self) -> set[str] | None:
+        """The profile files changed since the last take (None: everything may have)."""
+        out, self.changed = self.changed, set()
+        return out
+
+    def put_back(self, names: set[str] | None) -> None:
+        """Names a reload could not use (it failed): they count again next time."""
+        if names is None or self.changed is None:
+            self.changed = None
+        else:
+            self.changed |= names
 
     def read(self) -> int:
         n = 0
@@ -256,10 +275,20 @@ class ConfigWatcher:
                 wd, mask, _cookie, length = _EVENT.unpack_from(data, off)
                 name = data[off + _EVENT.size:off + _EVENT.size + length].rstrip(b"\0").decode(errors="replace")
                 off += _EVENT.size + length
-                if mask & 0x8000:  # IN_IGNORED: the watched directory went away
+                if mask & 0x4000:  # IN_Q_OVERFLOW: events were lost
+                    self.changed = None
+                    n += 1
+                elif mask & 0x8000:  # IN_IGNORED: the watched directory went away
                     self.watches.pop(wd, None)
+                    self.changed = None
                     n += 1
                 elif self._relevant(self.watches.get(wd), name):
+                    where = self.watches.get(wd)
+                    if self.changed is not None:
+                        if where is not None and where != self.directory and name:
+                            self.changed.add(name)
+                        else:
+                            self.changed = None  # site.yaml, profiles/ itself, or unknown
                     n += 1
         self._arm()
         return n

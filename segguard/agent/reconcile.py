@@ -22,11 +22,12 @@ from typing import Any, Callable
 
 from segguard.agent.vlans import FULL_CHECK, restore_view
 from segguard.apply.incremental import (ELEMENT_OBJECTS, LiveElements, apply_delta, delta_batch, element_delta,
-                                        read_back_elements, rebind_delta)
+                                        elements_only, read_back_elements, read_back_touched, rebind_delta,
+                                        send_elements)
 from segguard.apply.nftables import Fingerprint, NftablesApplier, diff_objects, normalize, rule_order
 from segguard.compile import compile_plan
 from segguard.compile.nft import ident, reachable
-from segguard.config.validate import Config, load_config
+from segguard.config.validate import Config, LoadedProfile, load_config
 from segguard.errors import ConfigError, SegguardError
 from segguard.host import BridgeFact, HostFacts, PortFact
 from segguard.plan import Binding, Plan
@@ -258,21 +259,32 @@ def _sub_config(config: Config, guests: set[str], where: dict[str, int]) -> Conf
     return dataclasses.replace(config, profiles=tuple(profiles))
 
 
-def _only_profiles(config: Config, names: set[str]) -> Config:
-    return dataclasses.replace(config, profiles=tuple(lp for lp in config.profiles if lp.name in names))
-
-
-def _changed_profiles(old: Config, new: Config) -> set[str] | None:
-    """The names of the profiles a reload changed, or None when more changed than
-    profile files in place (site.yaml, a profile added, removed or renamed)."""
-    if old.site_source.file != new.site_source.file or old.site != new.site or old.directory != new.directory:
+def _changed_profiles(old: Config, new: Config) -> dict[str, tuple[LoadedProfile, LoadedProfile]] | None:
+    """The profiles a reload changed, by name: (before, after). None when more changed
+    than profile files in place (site.yaml, a profile added, removed or renamed)."""
+    if old.site_source.file != new.site_source.file or old.directory != new.directory:
         return None
+    if old.site is not new.site and old.site != new.site:
+        return None
+    if len(old.profiles) != len(new.profiles):
+        return None
+    # load_config hands back the very object for a file whose bytes did not change,
+    # in the same order when no file came or went
+    out = {}
+    for o, n in zip(old.profiles, new.profiles):
+        if o is not n:
+            if o.name != n.name:
+                return _changed_by_name(old, new)
+            out[n.name] = (o, n)
+    return out
+
+
+def _changed_by_name(old: Config, new: Config) -> dict[str, tuple[LoadedProfile, LoadedProfile]] | None:
     old_by = {lp.name: lp for lp in old.profiles}
     new_by = {lp.name: lp for lp in new.profiles}
     if old_by.keys() != new_by.keys():
         return None
-    # load_config hands back the very object for a file whose bytes did not change
-    return {name for name, lp in new_by.items() if lp is not old_by[name]}
+    return {name: (old_by[name], lp) for name, lp in new_by.items() if lp is not old_by[name]}
 
 
 class Reconciler:
@@ -311,8 +323,11 @@ class Reconciler:
         self.generation = 0                     # bumped by every write of ours
         self._index = None                      # (config, guests by tap MAC, by explicit port, by MAC)
         self._guest_pos = None                  # (config, guest -> profile position): a bind must not walk every profile
-        self._profiles_changed = None           # (config before the last load, names of profiles it changed)
+        self._profiles_changed = None           # (config before the last load, {name: (before, after)} it changed)
         self.table_check_wanted = False         # a whole-table read-back should follow (off the loop)
+        self._nfnl = None                       # nfnetlink socket of element-only transactions
+        self._sent_by = ""                      # the last element transaction's road
+        self._binding_pos = None                # (bindings, guest -> position in them)
         from segguard.agent.vlans import VlanLayer
 
         self.vlan = VlanLayer(log, metrics)
@@ -363,12 +378,13 @@ class Reconciler:
         self._realized_same, self._realized_other = realized_same, (None if realized_same else realized)
 
     # -- config ---------------------------------------------------------------------
-    def load(self) -> bool:
-        """Load and validate the config. A bad one keeps the last good one in force."""
+    def load(self, changed: set[str] | None = None) -> bool:
+        """Load and validate the config. A bad one keeps the last good one in force.
+        `changed`: the profile files that may have changed (load_config), None: all."""
         old = self.config
         self._profiles_changed = None
         try:
-            cfg = load_config(self.config_dir, previous=old)
+            cfg = load_config(self.config_dir, previous=old, changed=changed)
         except ConfigError as exc:
             self.config_error = [str(p) for p in exc.problems]
             self.config_error_at = time.time()
@@ -381,8 +397,11 @@ class Reconciler:
         self._profiles_changed = (old, _changed_profiles(old, cfg)) if old is not None else None
         if self.metrics:
             self.metrics.config_valid.set(1)
-        self.log.info("config-loaded", directory=str(cfg.directory), profiles=len(cfg.profiles),
-                      guests=len(cfg.guests()))
+        if changed is None:
+            self.log.info("config-loaded", directory=str(cfg.directory), profiles=len(cfg.profiles),
+                          guests=sum(len(lp.profile.guests) for lp in cfg.profiles))
+        else:  # an edit: not a walk over the fleet to count it
+            self.log.info("config-loaded", directory=str(cfg.directory), profiles=len(cfg.profiles), files=sorted(changed)[:20])
         return True
 
     @property
@@ -451,7 +470,9 @@ class Reconciler:
             if self.metrics:
                 self.metrics.applies.labels(kind, "ok").inc()
                 self.metrics.apply_seconds.labels(kind).observe(seconds)
-            self.log.info("applied", kind=kind, road=self.road, seconds=round(seconds, 4), reasons=sorted(reasons), changes=changes[:20])
+            extra = {"txn": self._sent_by} if kind == "incremental" and self.road != "full" else {}
+            self.log.info("applied", kind=kind, road=self.road, seconds=round(seconds, 4), reasons=sorted(reasons),
+                          changes=changes[:20], **extra)
         self._count_guests()
         return Outcome(kind, seconds, list(drift), changes, vlan_changes=list(vlan_changes))
 
@@ -575,9 +596,33 @@ class Reconciler:
         return "incremental", delta.describe()
 
     def _send(self, delta) -> str | None:
-        """One element transaction, then the read-back of the dispatch objects it
-        touched. Returns why the full road must take over, or None when it is done."""
+        """One element transaction, then the read-back of what it touched. Returns why
+        the full road must take over, or None when it is done.
+
+        Element-only deltas (profile edits, a port's dispatch elements without a netdev
+        chain) go straight over nfnetlink and are read back key by key (apply/nfnl.py:
+        libnftables' cache made a two-element delete cost ~30 ms at 5,000 guests).
+        Anything with chains goes through libnftables and reads back the dispatch
+        objects; the policy sets are then left to the whole-table check."""
+        from segguard.apply import nfnl
+
         base, live = self._base, self._live
+        if elements_only(delta):
+            try:
+                if self._nfnl is None:
+                    self._nfnl = nfnl.NfnlSocket()
+                self.generation += 1
+                send_elements(self._nfnl, base.table, live, delta)
+            except nfnl.Unencodable as exc:
+                self.log.info("nfnl-skipped", why=str(exc))
+            except SegguardError as exc:
+                self._realized_same, self._realized_other = False, None
+                return f"element transaction refused: {exc}"
+            else:
+                live.apply(delta)
+                self._stale, self._view = True, None
+                self._sent_by = "nfnetlink"
+                return self._read_back(read_back_touched(self._nfnl, base.table, live, delta))
         batch = delta_batch(base.table, delta)
         self.generation += 1
         try:
@@ -587,7 +632,10 @@ class Reconciler:
             return f"element transaction refused: {exc}"
         live.apply(delta)
         self._stale, self._view = True, None
-        problems = read_back_elements(self.applier.nft, base.table, live, delta)
+        self._sent_by = "libnftables"
+        return self._read_back(read_back_elements(self.applier.nft, base.table, live, delta))
+
+    def _read_back(self, problems: list[str]) -> str | None:
         if problems:
             self._realized_same, self._realized_other = False, None
             self.log.warning("read-back-differs", after="element updates", problems=problems[:10])
@@ -602,9 +650,11 @@ class Reconciler:
         is more than elements of port-keyed sets (a guest added, removed or re-addressed,
         another kind of profile, bridge or VLAN): the full road decides then.
 
-        Read-back: the dispatch objects at once, as a bind. An edit also deletes allow
-        elements, where an element left behind would let a flow through, so a
-        whole-table check (the forked drift checker, off the loop) is asked for too."""
+        Read-back: every element the transaction touched, key by key (`_send`). An
+        edit also deletes allow elements, where one left behind would let a flow
+        through: when the delta had to go through libnftables (which reads back only
+        the dispatch objects), a whole-table check (the forked drift checker, off the
+        loop) is asked for too."""
         from segguard.compile.bind import bind_guests
         from segguard.compile.nft import compile_nft
 
@@ -615,29 +665,30 @@ class Reconciler:
             return self._skip("no full plan in force, or the site changed")
         if before is not self._facts_config:
             return self._skip("the plan in force was not compiled from the config before this edit")
-        old_by = {lp.name: lp for lp in before.profiles}
-        new_by = {lp.name: lp for lp in self.config.profiles}
         guests: set[str] = set()
-        for name in changed:
-            o, n = old_by[name].profile, new_by[name].profile
+        for name, (o_lp, n_lp) in changed.items():
+            o, n = o_lp.profile, n_lp.profile
             if (o.bridge, o.vlan) != (n.bridge, n.vlan) or [g.model_dump() for g in o.guests] != [g.model_dump() for g in n.guests]:
                 return self._skip(f"profile {name}: its guests, bridge or VLAN changed")
             guests |= {g.name for g in n.guests}
         kind, changes = "none", []
         if guests:
             # every guest of a changed profile is in the slice: whole profiles, by name
-            edited = _only_profiles(self.config, changed)
+            edited = dataclasses.replace(self.config, profiles=tuple(n for _o, n in changed.values()))
             bound, _warnings = bind_guests(edited, facts)
-            old_b = [b for b in base.bindings if b.guest in guests]
+            old_b = self._bindings_of(guests)
             if bound != old_b:
                 return self._skip("the changed profiles' guests bind differently (mode or kind of profile changed)")
-            sent = self._slice_delta(compile_nft(_only_profiles(before, changed), facts, old_b, base.stateful, base.table),
+            was = dataclasses.replace(before, profiles=tuple(o for o, _n in changed.values()))
+            sent = self._slice_delta(compile_nft(was, facts, old_b, base.stateful, base.table),
                                      compile_nft(edited, facts, bound, base.stateful, base.table),
                                      "profiles")
             if isinstance(sent, str):
                 return self._skip(sent)
             kind, changes = sent
-            self.table_check_wanted = kind == "incremental"
+            # libnftables' road read back the dispatch objects only, not the policy sets
+            # an edit deletes from: the whole-table check follows it
+            self.table_check_wanted = kind == "incremental" and self._sent_by == "libnftables"
         self.road = "profile"
         self._facts_config = self.config
         self._index = None
@@ -680,6 +731,15 @@ class Reconciler:
         if self._guest_pos is None or self._guest_pos[0] is not self.config:
             self._guest_pos = (self.config, {g.name: i for i, lp in enumerate(self.config.profiles) for g in lp.profile.guests})
         return _sub_config(self.config, guests, self._guest_pos[1])
+
+    def _bindings_of(self, guests: set[str]) -> list[Binding]:
+        """The current bindings of `guests`, in the bindings' order (an index per set
+        of bindings: an edit does not walk every guest's binding)."""
+        bindings = self._base.bindings
+        if self._binding_pos is None or self._binding_pos[0] is not bindings:
+            self._binding_pos = (bindings, {b.guest: i for i, b in enumerate(bindings)})
+        pos = self._binding_pos[1]
+        return [bindings[i] for i in sorted(pos[g] for g in guests if g in pos)]
 
     def _skip(self, why: str) -> None:
         self.fast_path_skipped = why

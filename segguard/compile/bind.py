@@ -26,14 +26,14 @@ def bind_guests(config: Config, facts: HostFacts) -> tuple[list[Binding], list[s
         elif guest.mac in libvirt:
             port, source = libvirt[guest.mac], "libvirt"
         elif bridge is not None:
-            match = [p.name for p in bridge.ports if p.mac == tap_mac(guest.mac)]
+            match = list(bridge.ports_by_mac.get(tap_mac(guest.mac), ()))
             if len(match) == 1:
                 port, source = match[0], "tap-mac"
             elif len(match) > 1:
                 warnings.append(f"guest {guest.name}: ports {', '.join(match)} all carry tap MAC {tap_mac(guest.mac)}; left unbound (its MAC is dropped everywhere)")
         if bridge is None:
             warnings.append(f"guest {guest.name}: bridge {prof.bridge} does not exist on this host (rules are loaded anyway and apply once it does)")
-        elif port and port not in {p.name for p in bridge.ports}:
+        elif port and port not in bridge.port_names:
             warnings.append(f"guest {guest.name}: port {port} is not on bridge {prof.bridge} now (rules keyed on it take effect when it appears)")
         if port is None:
             warnings.append(f"guest {guest.name}: no port found (set guests[].port, or start it under libvirt); its MAC {guest.mac} is dropped on every port until bound")

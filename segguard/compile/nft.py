@@ -187,7 +187,7 @@ def _port_ingress(table: str, facts: HostFacts, bindings: list[Binding]) -> list
     re-point a neighbour's FDB entry at itself. A netdev ingress chain on the legacy
     port sees every frame first. Only ports that exist now get one (a chain needs its
     device); the bridge table already drops such a guest's MAC until it is bound."""
-    present = {p.name for br in facts.bridges for p in br.ports}
+    present = facts.port_names
     ports = [b for b in sorted(bindings, key=lambda b: b.port or "") if b.port in present]
     if not ports:
         return []

@@ -6,7 +6,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import netaddr
 from pydantic import BaseModel, ValidationError
@@ -70,6 +70,9 @@ class Config:
     # each file's content digest (site.yaml's included, by resolved path): a reload
     # re-parses only the files whose bytes changed
     digests: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    # the profile file names in load order (one per entry of `profiles`, unless a file
+    # failed: then no Config exists), for a reload told which files changed
+    files: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def guests(self) -> list[tuple[LoadedProfile, Guest]]:
         return [(lp, g) for lp in self.profiles for g in lp.profile.guests]
@@ -116,54 +119,103 @@ def _read(path: Path, display: str) -> tuple[bytes, str]:
 
 
 @gc_paused()  # ~10^5 objects that all stay alive: see segguard/gcpause.py
-def load_config(directory: str | os.PathLike[str] | None = None, previous: Config | None = None) -> Config:
+def load_config(directory: str | os.PathLike[str] | None = None, previous: Config | None = None,
+                changed: Collection[str] | None = None) -> Config:
     """Load and validate the whole config directory. With `previous` (the last good
     config of the same directory), a profile file whose bytes and site.yaml are both
     unchanged is not parsed again: its validated profile is reused as it is (the agent
-    reloading after one edit of a 1,000-profile config). Cross-file checks always run
-    over every profile, so the result is the one a fresh load gives."""
+    reloading after one edit of a 1,000-profile config).
+
+    `changed` (with `previous`): the names of the files in profiles/ that may have
+    changed since `previous` was loaded, as inotify reported them; every other file
+    is taken as it was without reading it, and site.yaml must not be among them (the
+    agent passes None whenever it cannot say: a lost event, the directory replaced).
+    Cross-file checks run over every profile unless the re-parsed profiles kept their
+    names, VLANs and guests (what those checks read) and no file came or went: the
+    result is the one a fresh load gives either way."""
     root = config_dir(directory)
     cwd = Path.cwd()
     problems: list[ConfigProblem] = []
     site_path = root / "site.yaml"
     if not root.is_dir():
         raise ConfigError([ConfigProblem(str(root), None, "", "config directory does not exist")])
+    pdir = root / "profiles"
+    shown = _display(pdir, cwd)
+    told = (changed is not None and previous is not None and previous.directory == root and "site.yaml" not in changed
+            and previous.site_source.file == _display(site_path, cwd) and not any("/" in n for n in changed)
+            and len(previous.files) == len(previous.profiles))
     digests: dict[str, str] = {}
     site_doc: Document | None
-    try:
-        if site_path.exists():
-            data, digests[str(site_path)] = _read(site_path, _display(site_path, cwd))
-            site_doc = load_yaml(site_path, _display(site_path, cwd), data)
-        else:
-            site_doc = Document({}, SourceMap(_display(site_path, cwd)))
-    except ConfigError as exc:
-        problems.extend(exc.problems)
-        site_doc = None
-    site = _model(Site, site_doc, problems) if site_doc else None
-    reusable: dict[str, LoadedProfile] = {}
+    if told:
+        site, site_doc = previous.site, Document(None, previous.site_source)
+        if str(site_path) in previous.digests:
+            digests[str(site_path)] = previous.digests[str(site_path)]
+    else:
+        try:
+            if site_path.exists():
+                data, digests[str(site_path)] = _read(site_path, _display(site_path, cwd))
+                site_doc = load_yaml(site_path, _display(site_path, cwd), data)
+            else:
+                site_doc = Document({}, SourceMap(_display(site_path, cwd)))
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            site_doc = None
+        site = _model(Site, site_doc, problems) if site_doc else None
+    reusable: dict[str, LoadedProfile] = {}  # by file name
     if (previous is not None and previous.directory == root and site is not None
-            and previous.digests.get(str(site_path)) == digests.get(str(site_path))):
-        reusable = {lp.source.file: lp for lp in previous.profiles}
+            and previous.digests.get(str(site_path)) == digests.get(str(site_path))
+            and previous.site_source.file == _display(site_path, cwd)):  # the same cwd: the same file labels
+        if len(previous.files) == len(previous.profiles):
+            reusable = dict(zip(previous.files, previous.profiles))
+        else:
+            reusable = {lp.source.file.rpartition("/")[2]: lp for lp in previous.profiles}
 
-    loaded: list[LoadedProfile] = []
+    if told:
+        names = list(previous.files)
+        here = {n for n in changed if n.endswith((".yaml", ".yml")) and (pdir / n).is_file()}
+        had = {n for n in changed if f"{pdir}/{n}" in previous.digests}
+        aligned = here == had
+        if not aligned:  # a file came or went: the load order is the sorted names again
+            names = sorted(set(names) - set(changed) | here)
+            names = [n for n in names if n.endswith(".yaml")] + [n for n in names if n.endswith(".yml")]
+        to_read = here
+    else:
+        # names, not Path objects: sorting and relative_to on a thousand Paths cost more
+        # than reading the files
+        found = [e.name for e in os.scandir(pdir)] if pdir.is_dir() else []
+        names = sorted(n for n in found if n.endswith(".yaml")) + sorted(n for n in found if n.endswith(".yml"))
+        to_read, aligned = None, False  # read all
+
+    reparsed: list[tuple[LoadedProfile | None, LoadedProfile]] = []  # (the file's previous profile, its new one)
     # Problems of rule resolution are reported only when no file failed to parse or
     # to match the schema (as ever); each profile is resolved and slimmed as soon as
     # it is read, so a thousand parsed documents never sit in memory at once.
     resolve_problems: list[ConfigProblem] = []
-    pdir = root / "profiles"
-    shown = _display(pdir, cwd)
-    # names, not Path objects: sorting and relative_to on a thousand Paths cost more
-    # than reading the files
-    names = [e.name for e in os.scandir(pdir)] if pdir.is_dir() else []
-    for name in sorted(n for n in names if n.endswith(".yaml")) + sorted(n for n in names if n.endswith(".yml")):
+    pdir_s = str(pdir)
+    slots: list[LoadedProfile | None]
+    if to_read is not None and aligned and len(reusable) == len(names):
+        # told which files changed, none came or went: the rest stays as it was,
+        # without a step per file
+        slots = list(previous.profiles)
+        digests.update(previous.digests)
+        todo = sorted((names.index(n), n) for n in to_read)
+    else:
+        slots = [None] * len(names)
+        todo = list(enumerate(names))
+    for i, name in todo:
+        key = f"{pdir_s}/{name}"  # str(pdir / name), without a Path per file
+        old = reusable.get(name)
+        if to_read is not None and name not in to_read and old is not None:
+            digests[key] = previous.digests[key]
+            slots[i] = old
+            continue
         path = pdir / name
         display = name if shown == "." else f"{shown}/{name}"
         try:
             data, digest = _read(path, display)
-            digests[str(path)] = digest
-            old = reusable.get(display)
-            if old is not None and previous.digests.get(str(path)) == digest:
-                loaded.append(old)
+            digests[key] = digest
+            if old is not None and previous.digests.get(key) == digest:
+                slots[i] = old
                 continue
             doc = load_yaml(path, display, data)
         except ConfigError as exc:
@@ -171,16 +223,25 @@ def load_config(directory: str | os.PathLike[str] | None = None, previous: Confi
             continue
         prof = _model(Profile, doc, problems)
         if prof is not None and site is not None:
-            loaded.append(_resolve(site, doc, prof, resolve_problems).kept())
-
+            lp = _resolve(site, doc, prof, resolve_problems).kept()
+            slots[i] = lp
+            reparsed.append((old, lp))
     if site is None or problems:
         raise ConfigError(problems)
     problems = resolve_problems
-    profiles = tuple(loaded)
-    _cross_checks(site, site_doc.source, profiles, problems)
+    profiles = tuple(slots)  # every slot is filled: an empty one recorded a problem, raised above
+    same_keys = (previous is not None and reusable and tuple(names) == previous.files
+                 and all(o is not None and _cross_key(o) == _cross_key(n) for o, n in reparsed))
+    if not same_keys:
+        _cross_checks(site, site_doc.source, profiles, problems)
     if problems:
         raise ConfigError(problems)
-    return Config(root, site, site_doc.source, profiles, digests)
+    return Config(root, site, site_doc.source, profiles, digests, tuple(names))
+
+
+def _cross_key(lp: LoadedProfile) -> tuple:
+    """What the cross-file checks read of a profile (its name, VLAN and guests)."""
+    return lp.profile.name, lp.profile.vlan, lp.profile.guests
 
 
 def _resolve(site: Site, doc: Document, prof: Profile, problems: list[ConfigProblem]) -> LoadedProfile:

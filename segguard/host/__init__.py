@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from functools import cached_property
 
 from segguard.host.vlans import PortVlans
 
@@ -30,6 +31,19 @@ class BridgeFact:
     def port_vlans(self, name: str) -> PortVlans | None:
         return next((v for v in self.vlans if v.port == name), None)
 
+    # Indexes, built once per fact (facts are immutable): binding one guest or
+    # compiling one profile's slice must not walk a 5,000-port bridge.
+    @cached_property
+    def port_names(self) -> frozenset[str]:
+        return frozenset(p.name for p in self.ports)
+
+    @cached_property
+    def ports_by_mac(self) -> dict[str, tuple[str, ...]]:
+        out: dict[str, list[str]] = {}
+        for p in self.ports:
+            out.setdefault(p.mac, []).append(p.name)
+        return {m: tuple(n) for m, n in out.items()}
+
 
 @dataclass(frozen=True)
 class HostFacts:
@@ -42,6 +56,11 @@ class HostFacts:
 
     def bridge(self, name: str) -> BridgeFact | None:
         return next((b for b in self.bridges if b.name == name), None)
+
+    @cached_property
+    def port_names(self) -> frozenset[str]:
+        """Every port of every bridge."""
+        return frozenset(n for b in self.bridges for n in b.port_names)
 
     def to_json(self) -> str:
         data = asdict(self)

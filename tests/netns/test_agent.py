@@ -298,10 +298,18 @@ def test_a_profile_edit_is_one_element_delta_and_frames_follow_it(lab, agent, cf
     prof.write_text(text.replace("ports: [3389]", "ports: [5901]"))
     wait_for(lambda: applied_since(n), "the edit applied")
     (done,) = applied_since(n)
-    assert (done["road"], done["kind"]) == ("profile", "incremental"), done
+    assert (done["road"], done["kind"], done.get("txn")) == ("profile", "incremental", "nfnetlink"), done
     assert reach() == {3389: False, 5901: True}
     plan = agent.cli("plan", "-c", str(cfg))
     assert plan.returncode == 0, plan.stdout + plan.stderr  # nothing left to change
+    # the next edit's reload reads only the file inotify named
+    n = len(agent.logs())
+    prof.write_text(text.replace("ports: [3389]", "ports: [5901, 5902]"))
+    wait_for(lambda: applied_since(n), "the next edit applied")
+    loaded = [e for e in agent.logs()[n:] if e["event"] == "config-loaded"]
+    assert loaded and loaded[-1].get("files") == ["xp-line3.yaml"], loaded
+    assert (applied_since(n)[0]["road"], applied_since(n)[0].get("txn")) == ("profile", "nfnetlink")
+    assert agent.cli("plan", "-c", str(cfg)).returncode == 0
     # another kind of profile (default allow): new class chains, so the full road
     n = len(agent.logs())
     prof.write_text(text.replace("ports: [3389]", "ports: [5901]").replace("default: deny ", "default: allow"))

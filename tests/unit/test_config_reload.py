@@ -79,3 +79,131 @@ def test_removed_and_added_files(cfgdir):
     again = load_config(cfgdir, previous=first)
     assert [lp.name for lp in again.profiles] == ["p2", "p3", "p4"]
     assert again.profiles[0] is first.profiles[1] and again.profiles[1] is first.profiles[2]
+
+
+# ---- told which files changed (the agent's inotify names) ----------------------------
+
+def _fresh_equal(cfg, cfgdir) -> None:
+    fresh = load_config(cfgdir)
+    assert [lp.name for lp in cfg.profiles] == [lp.name for lp in fresh.profiles]
+    assert cfg.files == fresh.files and cfg.digests == fresh.digests
+    assert compile_plan(cfg, HostFacts()).to_json() == compile_plan(fresh, HostFacts()).to_json()
+
+
+def test_told_reload_reads_only_the_named_files(cfgdir):
+    first = load_config(cfgdir)
+    (cfgdir / "profiles" / "p2.yaml").write_text(prof(2, port=1434))
+    # p3 changed too, but nobody said so: it is not read (inotify would have named it)
+    (cfgdir / "profiles" / "p3.yaml").write_text(prof(3, port=1435))
+    again = load_config(cfgdir, previous=first, changed={"p2.yaml"})
+    assert [a is b for a, b in zip(first.profiles, again.profiles)] == [True, False, True]
+    assert again.profiles[1].egress[0].ports == ((1434, 1434),)
+    # named as it is: the same config a fresh load gives
+    last = load_config(cfgdir, previous=again, changed={"p3.yaml"})
+    _fresh_equal(last, cfgdir)
+
+
+def test_told_reload_of_added_removed_and_renamed_files(cfgdir):
+    first = load_config(cfgdir)
+    (cfgdir / "profiles" / "p1.yaml").unlink()
+    (cfgdir / "profiles" / "p4.yaml").write_text(prof(4))
+    (cfgdir / "profiles" / "p3.yaml").rename(cfgdir / "profiles" / "a3.yml")
+    again = load_config(cfgdir, previous=first, changed={"p1.yaml", "p4.yaml", "p3.yaml", "a3.yml", "x.swp"})
+    assert [lp.name for lp in again.profiles] == ["p2", "p4", "p3"]
+    assert again.profiles[0] is first.profiles[1]
+    _fresh_equal(again, cfgdir)
+
+
+def test_told_reload_still_runs_cross_checks_when_guests_change(cfgdir):
+    """Only the named file is read; its new MAC clashes with a file that was not."""
+    first = load_config(cfgdir)
+    (cfgdir / "profiles" / "p3.yaml").write_text(prof(3, mac="52:54:00:00:00:01"))
+    with pytest.raises(ConfigError) as err:
+        load_config(cfgdir, previous=first, changed={"p3.yaml"})
+    assert [str(p) for p in err.value.problems] == [
+        "profiles/p3.yaml:6: guests[0].mac: MAC 52:54:00:00:00:01 is also used by profiles/p1.yaml:6"]
+
+
+def test_told_reload_skips_cross_checks_only_when_nothing_they_read_changed(cfgdir, monkeypatch):
+    from segguard.config import validate
+
+    first = load_config(cfgdir)
+    calls = []
+    real = validate._cross_checks
+    monkeypatch.setattr(validate, "_cross_checks", lambda *a: calls.append(1) or real(*a))
+    (cfgdir / "profiles" / "p2.yaml").write_text(prof(2, port=1434))  # rules only
+    again = load_config(cfgdir, previous=first, changed={"p2.yaml"})
+    assert calls == []
+    (cfgdir / "profiles" / "p2.yaml").write_text(prof(2, port=1434).replace("10.30.1.2", "10.30.1.99"))
+    load_config(cfgdir, previous=again, changed={"p2.yaml"})
+    assert calls == [1]
+
+
+def test_told_reload_with_a_broken_file_names_its_line(cfgdir):
+    first = load_config(cfgdir)
+    (cfgdir / "profiles" / "p2.yaml").write_text(prof(2).replace("ports: [1433]", "ports: [70000]"))
+    with pytest.raises(ConfigError) as err:
+        load_config(cfgdir, previous=first, changed={"p2.yaml"})
+    assert [(p.file, p.line) for p in err.value.problems] == [("profiles/p2.yaml", 10)]
+
+
+def test_site_yaml_among_the_names_means_a_full_load(cfgdir):
+    first = load_config(cfgdir)
+    (cfgdir / "site.yaml").write_text(SITE.replace("10.30.0.20", "10.30.0.21"))
+    again = load_config(cfgdir, previous=first, changed={"site.yaml"})
+    assert not any(a is b for a, b in zip(first.profiles, again.profiles))
+    assert [str(p) for p in again.profiles[0].egress[0].peers] == ["10.30.0.21/32"]
+
+
+def test_config_watcher_names_the_files_and_says_when_it_cannot(cfgdir):
+    import os
+
+    from segguard.agent.events import ConfigWatcher
+
+    w = ConfigWatcher(cfgdir)
+    try:
+        assert w.take() is None  # what profiles/ held before the watch was not seen arriving
+        (cfgdir / "profiles" / "p2.yaml").write_text(prof(2, port=1434))
+        tmp = cfgdir / "profiles" / ".p3.yaml.tmp"
+        tmp.write_text(prof(3, port=1435))
+        os.rename(tmp, cfgdir / "profiles" / "p3.yaml")
+        (cfgdir / "profiles" / "notes.txt").write_text("x")
+        assert w.read() > 0
+        assert w.take() == {"p2.yaml", "p3.yaml"}  # not the temp file, not notes.txt
+        assert w.take() == set()
+        (cfgdir / "site.yaml").write_text(SITE)
+        w.read()
+        assert w.take() is None
+    finally:
+        w.close()
+
+
+def test_names_of_a_failed_reload_count_again(cfgdir, tmp_path):
+    """Two files broken, one fixed: the reload after the fix must read both (the
+    agent puts a failed reload's names back into the watcher)."""
+    from segguard.agent.reconcile import Reconciler
+    from segguard.agent.events import ConfigWatcher
+
+    class Log:
+        def info(self, *a, **k): pass
+        warning = error = info
+
+    w = ConfigWatcher(cfgdir)
+    rec = Reconciler(cfgdir, Log())
+    try:
+        assert rec.load(changed=w.take())
+        good = rec.config
+        bad = prof(1).replace("ports: [1433]", "ports: [70000]")
+        (cfgdir / "profiles" / "p1.yaml").write_text(bad)
+        (cfgdir / "profiles" / "p2.yaml").write_text(prof(2).replace("ports: [1433]", "ports: [70001]"))
+        w.read()
+        names = w.take()
+        assert names == {"p1.yaml", "p2.yaml"}
+        assert not rec.load(changed=names)
+        w.put_back(names)
+        (cfgdir / "profiles" / "p2.yaml").write_text(prof(2))
+        w.read()
+        assert not rec.load(changed=w.take())  # p1 is still broken: read, and reported
+        assert rec.config is good and any("p1.yaml:10" in p for p in rec.config_error)
+    finally:
+        w.close()
