@@ -259,6 +259,21 @@ def _sub_config(config: Config, guests: set[str], where: dict[str, int]) -> Conf
     return dataclasses.replace(config, profiles=tuple(profiles))
 
 
+def _ports_moved(old: HostFacts, new: HostFacts) -> set[tuple[str, str, str]]:
+    """(bridge, port, MAC) that came or went between two readings of the host."""
+    before = {b.name: b for b in old.bridges}
+    out: set[tuple[str, str, str]] = set()
+    for br in new.bridges:
+        prev = before.pop(br.name, None)
+        if prev is None:
+            out |= {(br.name, n, m) for n, m in br.port_keys}
+        elif prev.ports is not br.ports:
+            out |= {(br.name, n, m) for n, m in prev.port_keys ^ br.port_keys}
+    for br in before.values():
+        out |= {(br.name, n, m) for n, m in br.port_keys}
+    return out
+
+
 def _changed_profiles(old: Config, new: Config) -> dict[str, tuple[LoadedProfile, LoadedProfile]] | None:
     """The profiles a reload changed, by name: (before, after). None when more changed
     than profile files in place (site.yaml, a profile added, removed or renamed)."""
@@ -324,10 +339,12 @@ class Reconciler:
         self._index = None                      # (config, guests by tap MAC, by explicit port, by MAC)
         self._guest_pos = None                  # (config, guest -> profile position): a bind must not walk every profile
         self._profiles_changed = None           # (config before the last load, {name: (before, after)} it changed)
-        self.table_check_wanted = False         # a whole-table read-back should follow (off the loop)
         self._nfnl = None                       # nfnetlink socket of element-only transactions
         self._sent_by = ""                      # the last element transaction's road
-        self._binding_pos = None                # (bindings, guest -> position in them)
+        self._binding_pos = None                # (full road count, guest -> position in the bindings)
+        self._full_gen = 0                      # full roads taken (each may order the bindings anew)
+        self._owner = None                      # (bindings, port -> guest bound to it)
+        self._bridges = None                    # (config, bridge names)
         from segguard.agent.vlans import VlanLayer
 
         self.vlan = VlanLayer(log, metrics)
@@ -374,6 +391,7 @@ class Reconciler:
 
     def _set_full(self, plan: Plan, facts: HostFacts, realized_same: bool, realized: list[dict[str, Any]] | None) -> None:
         self._base, self._live, self._stale, self._view = plan, LiveElements.of(plan.nft), False, None
+        self._full_gen += 1
         self._facts, self._facts_config = facts, self.config
         self._realized_same, self._realized_other = realized_same, (None if realized_same else realized)
 
@@ -406,7 +424,12 @@ class Reconciler:
 
     @property
     def bridges(self) -> list[str]:
-        return [lp.profile.bridge for lp in self.config.profiles] if self.config else []
+        """The bridges the profiles name, once each (per config: every link event asks)."""
+        if self.config is None:
+            return []
+        if self._bridges is None or self._bridges[0] is not self.config:
+            self._bridges = (self.config, sorted({lp.profile.bridge for lp in self.config.profiles}))
+        return self._bridges[1]
 
     def guest_by_port(self, port: str) -> Binding | None:
         """Who is (or was last) bound to `port`: a tap moved off its bridge is already
@@ -548,29 +571,38 @@ class Reconciler:
         if ([(b.name, b.addresses) for b in facts.bridges] != [(b.name, b.addresses) for b in old_facts.bridges]
                 or facts.bridge_conntrack != base.stateful):
             return self._skip("bridges or their addresses changed")
-        present = {p.name for br in facts.bridges for p in br.ports}
-        was_present = {p.name for br in old_facts.bridges for p in br.ports}
-        bindings = self._bind_changed(old_facts, facts)
-        if bindings is None:
+        present, was_present = facts.port_names, old_facts.port_names
+        rebound = self._bind_changed(old_facts, facts)
+        if rebound is None:
             return self._skip("two guests claim one port")
+        bindings, fresh = rebound
         old = base.bindings
-        changed = {n.guest for n, o in zip(bindings, old)
-                   if n.port != o.port or (n.port is not None and (n.port in present) != (n.port in was_present))}
+        pos = self._binding_index()
+        changed = {g for g, n in fresh.items()
+                   if n.port != old[pos[g]].port or (n.port is not None and (n.port in present) != (n.port in was_present))}
         kind, changes = "none", []
         plan = dataclasses.replace(base, bindings=tuple(bindings))
         if changed:
             sub = self._sub_config(changed)
-            sent = self._slice_delta(compile_nft(sub, old_facts, [b for b in old if b.guest in changed], base.stateful, base.table),
-                                     compile_nft(sub, facts, [b for b in bindings if b.guest in changed], base.stateful, base.table),
+            idx = sorted(pos[g] for g in changed)
+            sent = self._slice_delta(compile_nft(sub, old_facts, [old[i] for i in idx], base.stateful, base.table),
+                                     compile_nft(sub, facts, [bindings[i] for i in idx], base.stateful, base.table),
                                      "guests")
             if isinstance(sent, str):
                 return self._skip(sent)
             kind, changes = sent
-        for b in old:
+        owner = self._port_owner()
+        for g in changed:
+            b, n = old[pos[g]], fresh[g]
             if b.port:
                 self.former_ports[b.port] = b
+                if owner.get(b.port) == g:
+                    del owner[b.port]
+            if n.port:
+                owner[n.port] = g
         self.road = "fast"
         self._base, self._facts = plan, facts
+        self._owner = (plan.bindings, owner)
         if self._stale:
             self._view = None
         vlan_changes: list[str] = []
@@ -602,8 +634,8 @@ class Reconciler:
         Element-only deltas (profile edits, a port's dispatch elements without a netdev
         chain) go straight over nfnetlink and are read back key by key (apply/nfnl.py:
         libnftables' cache made a two-element delete cost ~30 ms at 5,000 guests).
-        Anything with chains goes through libnftables and reads back the dispatch
-        objects; the policy sets are then left to the whole-table check."""
+        Anything with chains goes through libnftables; its elements are read back the
+        same way, its netdev chains by listing each one."""
         from segguard.apply import nfnl
 
         base, live = self._base, self._live
@@ -633,7 +665,16 @@ class Reconciler:
         live.apply(delta)
         self._stale, self._view = True, None
         self._sent_by = "libnftables"
-        return self._read_back(read_back_elements(self.applier.nft, base.table, live, delta))
+        # the elements key by key over nfnetlink (a listing of a 5,000-entry map is
+        # libnftables' whole-set fetch), the netdev chains it added or deleted by name
+        try:
+            if self._nfnl is None:
+                self._nfnl = nfnl.NfnlSocket()
+            problems = read_back_touched(self._nfnl, base.table, live, delta)
+            problems += read_back_elements(self.applier.nft, base.table, live, dataclasses.replace(delta, delete=(), add=()))
+        except nfnl.Unencodable:
+            problems = read_back_elements(self.applier.nft, base.table, live, delta)  # listings, as before nfnl.py
+        return self._read_back(problems)
 
     def _read_back(self, problems: list[str]) -> str | None:
         if problems:
@@ -650,11 +691,9 @@ class Reconciler:
         is more than elements of port-keyed sets (a guest added, removed or re-addressed,
         another kind of profile, bridge or VLAN): the full road decides then.
 
-        Read-back: every element the transaction touched, key by key (`_send`). An
-        edit also deletes allow elements, where one left behind would let a flow
-        through: when the delta had to go through libnftables (which reads back only
-        the dispatch objects), a whole-table check (the forked drift checker, off the
-        loop) is asked for too."""
+        Read-back: every element the transaction touched, key by key (`_send`), the
+        allow elements it deleted included (one left behind would let a flow
+        through)."""
         from segguard.compile.bind import bind_guests
         from segguard.compile.nft import compile_nft
 
@@ -686,9 +725,6 @@ class Reconciler:
             if isinstance(sent, str):
                 return self._skip(sent)
             kind, changes = sent
-            # libnftables' road read back the dispatch objects only, not the policy sets
-            # an edit deletes from: the whole-table check follows it
-            self.table_check_wanted = kind == "incremental" and self._sent_by == "libnftables"
         self.road = "profile"
         self._facts_config = self.config
         self._index = None
@@ -712,20 +748,46 @@ class Reconciler:
                     by_port.setdefault(g.port, []).append(g.name)
             self._index = (self.config, by_tap, by_port, by_mac)
         _, by_tap, by_port, by_mac = self._index
-        ports = lambda f: {(br.name, p.name, p.mac) for br in f.bridges for p in br.ports}  # noqa: E731
-        moved = ports(old_facts) ^ ports(facts)
+        moved = _ports_moved(old_facts, facts)
         names = {n for _b, n, _m in moved}
         cand = {g for _b, n, m in moved for g in [*by_tap.get(m, ()), *by_port.get(n, ())]}
         cand |= {g for _p, mac in set(old_facts.libvirt_ports) ^ set(facts.libvirt_ports) for g in by_mac.get(mac, ())}
         old = self._base.bindings
-        cand |= {b.guest for b in old if b.port in names}
+        owner = self._port_owner()
+        cand |= {owner[n] for n in names if n in owner}
         if not cand:
-            return list(old)
+            return list(old), {}
         fresh, _warnings = bind_guests(self._sub_config(cand), facts)
         new = {b.guest: b for b in fresh}
-        out = [new.get(b.guest, b) for b in old]
-        bound = [b.port for b in out if b.port]
-        return out if len(bound) == len(set(bound)) else None
+        # two guests on one port: among the re-bound, or a re-bound one on a port that
+        # a guest left alone still holds
+        claimed: dict[str, str] = {}
+        for b in fresh:
+            if b.port:
+                if claimed.setdefault(b.port, b.guest) != b.guest:
+                    return None
+                holder = owner.get(b.port)
+                if holder is not None and holder != b.guest and holder not in new:
+                    return None
+        pos = self._binding_index()
+        out = list(old)
+        for g, b in new.items():
+            out[pos[g]] = b
+        return out, new
+
+    def _port_owner(self) -> dict[str, str]:
+        """port -> guest of the bindings in force, kept up to date by binds (one entry
+        per changed guest) and rebuilt after a full road: not a walk per bind."""
+        if self._owner is None or self._owner[0] is not self._base.bindings:
+            self._owner = (self._base.bindings, {b.port: b.guest for b in self._base.bindings if b.port})
+        return self._owner[1]
+
+    def _binding_index(self) -> dict[str, int]:
+        """guest -> position in the bindings (the same from one full road to the next:
+        binds and edits replace entries, they never reorder them)."""
+        if self._binding_pos is None or self._binding_pos[0] != self._full_gen:
+            self._binding_pos = (self._full_gen, {b.guest: i for i, b in enumerate(self._base.bindings)})
+        return self._binding_pos[1]
 
     def _sub_config(self, guests: set[str]) -> Config:
         if self._guest_pos is None or self._guest_pos[0] is not self.config:
@@ -733,13 +795,10 @@ class Reconciler:
         return _sub_config(self.config, guests, self._guest_pos[1])
 
     def _bindings_of(self, guests: set[str]) -> list[Binding]:
-        """The current bindings of `guests`, in the bindings' order (an index per set
-        of bindings: an edit does not walk every guest's binding)."""
-        bindings = self._base.bindings
-        if self._binding_pos is None or self._binding_pos[0] is not bindings:
-            self._binding_pos = (bindings, {b.guest: i for i, b in enumerate(bindings)})
-        pos = self._binding_pos[1]
-        return [bindings[i] for i in sorted(pos[g] for g in guests if g in pos)]
+        """The current bindings of `guests`, in the bindings' order (an edit does not
+        walk every guest's binding)."""
+        pos = self._binding_index()
+        return [self._base.bindings[i] for i in sorted(pos[g] for g in guests if g in pos)]
 
     def _skip(self, why: str) -> None:
         self.fast_path_skipped = why

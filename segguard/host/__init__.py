@@ -38,6 +38,11 @@ class BridgeFact:
         return frozenset(p.name for p in self.ports)
 
     @cached_property
+    def port_keys(self) -> frozenset[tuple[str, str]]:
+        """(name, MAC) of every port: two readings compare as sets of these."""
+        return frozenset((p.name, p.mac) for p in self.ports)
+
+    @cached_property
     def ports_by_mac(self) -> dict[str, tuple[str, ...]]:
         out: dict[str, list[str]] = {}
         for p in self.ports:
