@@ -314,7 +314,7 @@ def _edits(agent: "AgentProc", d: Path, n: int, count: int, sinks: dict) -> dict
     finally:
         tx.close()
         nl.delete_link(HV, tap)
-    return {"edit_enforced": c.summarize(enforced), "edits": count, "edit_timeouts": timeouts,
+    return {"edit_enforced": c.summarize(enforced), "edit_samples": enforced, "edits": count, "edit_timeouts": timeouts,
             "old_port_after_switch": old_after}
 
 
@@ -412,6 +412,7 @@ def _measure(agent: "AgentProc", d: Path, n: int, plugs: int, shape: str, idle_s
     return {
         "guests": n, "shape": shape, "plugs": done, "plugs_asked": plugs, "agent_ready_s": ready_s,
         "enforced_frame": c.summarize(enforced_frame), "enforced_table": c.summarize(enforced_table),
+        "samples": {"enforced_frame": enforced_frame, "enforced_table": enforced_table, "unplug_table": unplug},
         "unplug_table": c.summarize(unplug), "timeouts": timeouts,
         "blocked_frames_arrived": blocked_arrived,
         "rss_idle_bytes": mem_idle.get("VmRSS"), "rss_end_bytes": mem_end.get("VmRSS"),

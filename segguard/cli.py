@@ -272,13 +272,24 @@ def _results_table(results):
     return results_table(results)
 
 
+_MAX_EXTRA = 150  # segguard.lab.topology.MAX_EXTRA_LEGACY (checked by a test): typer needs it before the import
+ExtraLegacyOpt = typer.Option(0, "--extra-legacy", min=0, max=_MAX_EXTRA,
+                              help="K more legacy guests on br0, each with a copy of xp-line3's profile (a scaled lab)")
+
+
 @lab_app.command("up")
-def lab_up(prefix: str = typer.Option("sglab-", "--prefix"), config: Optional[Path] = ConfigOpt) -> None:
-    """Build the lab namespaces and apply the example config in the hypervisor namespace."""
+def lab_up(prefix: str = typer.Option("sglab-", "--prefix"), config: Optional[Path] = ConfigOpt,
+           extra_legacy: int = ExtraLegacyOpt) -> None:
+    """Build the lab namespaces and apply the example config in the hypervisor namespace
+    (with --extra-legacy, the example plus a profile per extra guest; `segguard verify`
+    of this lab finds them by their namespaces)."""
     from segguard.verify.lab import lab_up as up
 
-    lab = up(prefix, config)
-    _out(f"lab up: namespaces {', '.join(h.ns for h in lab.hosts)}")
+    lab = up(prefix, config, extra_legacy=extra_legacy)
+    shown = [h.ns for h in lab.hosts]
+    if len(shown) > 16:
+        shown = shown[:12] + [f"... ({len(shown) - 12} more)"]
+    _out(f"lab up: namespaces {', '.join(shown)}")
 
 
 @lab_app.command("down")
@@ -292,12 +303,13 @@ def lab_down(prefix: str = typer.Option("sglab-", "--prefix")) -> None:
 
 @lab_app.command("run")
 def lab_run(prefix: str = typer.Option("sglab-", "--prefix"), config: Optional[Path] = ConfigOpt,
-            keep: bool = typer.Option(False, "--keep", help="leave the lab up afterwards"), as_json: bool = JsonOpt) -> None:
+            keep: bool = typer.Option(False, "--keep", help="leave the lab up afterwards"), as_json: bool = JsonOpt,
+            extra_legacy: int = ExtraLegacyOpt) -> None:
     """Build the lab, apply the example config, verify from inside the legacy guests,
     show the ordinary guest still reaching the internet, and tear it all down."""
     from segguard.verify.lab import lab_run as run
 
-    results = run(prefix, config, keep=keep)
+    results = run(prefix, config, keep=keep, extra_legacy=extra_legacy)
     _render_results(results, as_json)
 
 

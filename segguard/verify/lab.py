@@ -2,6 +2,9 @@
 from inside the legacy guests' own namespaces, observing at the destinations."""
 from __future__ import annotations
 
+import contextlib
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from segguard.errors import LabError
@@ -20,18 +23,32 @@ def lab_config_dir(explicit: str | Path | None) -> str:
     return str(explicit) if explicit else str(LAB_CONFIG)
 
 
+@contextlib.contextmanager
+def lab_config(explicit: str | Path | None, topo: LabTopology) -> Iterator[str]:
+    """The config a lab is run with: the explicit one, else the built-in lab's, plus
+    one profile per extra legacy guest of a scaled lab (segguard/lab/scaled.py: the
+    same for the same topology, so `lab up` and a later `verify` agree)."""
+    if explicit or not topo.extra_legacy:
+        yield lab_config_dir(explicit)
+        return
+    from segguard.lab import scaled
+
+    with tempfile.TemporaryDirectory(prefix="segguard-lab-") as d:
+        yield str(scaled.write_config(d, topo))
+
+
 def apply_in_lab(topo: LabTopology, config_dir: str | Path | None):
     """Compile against the lab hypervisor's real facts and apply there."""
     from segguard.flow import apply_plan, build_plan
 
-    with nl.enter_netns(topo.hv_ns):
-        config, facts, plan = build_plan(lab_config_dir(config_dir))
+    with lab_config(config_dir, topo) as cfg, nl.enter_netns(topo.hv_ns):
+        config, facts, plan = build_plan(cfg)
         result = apply_plan(plan)
     return config, plan, result
 
 
-def lab_up(prefix: str, config_dir: str | Path | None):
-    lab = topology.build(prefix, register_cleanup=False)
+def lab_up(prefix: str, config_dir: str | Path | None, extra_legacy: int = 0):
+    lab = topology.build(prefix, register_cleanup=False, extra_legacy=extra_legacy)
     try:
         apply_in_lab(lab.topology, config_dir)
     except BaseException:
@@ -40,8 +57,8 @@ def lab_up(prefix: str, config_dir: str | Path | None):
     return lab
 
 
-def lab_run(prefix: str, config_dir: str | Path | None, keep: bool = False) -> list[dict]:
-    lab = topology.build(prefix, register_cleanup=not keep)
+def lab_run(prefix: str, config_dir: str | Path | None, keep: bool = False, extra_legacy: int = 0) -> list[dict]:
+    lab = topology.build(prefix, register_cleanup=not keep, extra_legacy=extra_legacy)
     try:
         apply_in_lab(lab.topology, config_dir)
         return verify_lab(config_dir, prefix, lab_extras=True)
@@ -118,8 +135,8 @@ def verify_lab(config_dir: str | Path | None, prefix: str, guests: list[str] | N
     missing = [ns for ns in topo.namespaces if not nl.netns_exists(ns)]
     if missing:
         raise LabError(f"the lab is not up (missing namespaces {', '.join(missing)}): run `segguard lab up --prefix {prefix}`")
-    with nl.enter_netns(topo.hv_ns):
-        config, facts, plan = build_plan(lab_config_dir(config_dir))
+    with lab_config(config_dir, topo) as cfg, nl.enter_netns(topo.hv_ns):
+        config, facts, plan = build_plan(cfg)
     ordinary, mgmt = topo.host("guest"), topo.host("mgmt")
     exps = expectations_for(config, plan, {4: ordinary.ip4, 6: ordinary.ip6}, guests,
                             management={4: mgmt.ip4, 6: mgmt.ip6})

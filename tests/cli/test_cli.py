@@ -77,3 +77,12 @@ def test_verify_without_a_lab_says_how_to_start_one():
     p = run("verify", "-c", str(LAB_CONFIG), "--lab-prefix", "sgnolab-")
     assert p.returncode == 6
     assert "the lab is not up" in p.stderr and "segguard lab up --prefix sgnolab-" in p.stderr
+
+
+def test_lab_extra_legacy_is_bounded_as_the_topology_is():
+    from segguard import cli
+    from segguard.lab import topology
+
+    assert cli._MAX_EXTRA == topology.MAX_EXTRA_LEGACY
+    p = run("lab", "up", "--prefix", "sgnolab-", "--extra-legacy", str(topology.MAX_EXTRA_LEGACY + 1))
+    assert p.returncode == 2 and "--extra-legacy" in p.stderr

@@ -104,3 +104,27 @@ def test_collect_reports_frames_its_reader_thread_has_not_taken():
     finally:
         nl.delete_netns(ns)
     assert not nl.netns_exists(ns)
+
+
+def test_cli_lab_up_with_extra_legacy_then_verify_finds_them():
+    """`segguard lab up --extra-legacy K` applies the scaled config itself, and a plain
+    `segguard verify --lab-prefix` of that lab verifies the extra guests too."""
+    import json
+    import subprocess
+    import sys
+
+    prefix = unique_prefix("sgc")
+    cli = [sys.executable, "-m", "segguard.cli"]
+    try:
+        up = subprocess.run([*cli, "lab", "up", "--prefix", prefix, "--extra-legacy", "2"], capture_output=True, text=True, timeout=300)
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert f"{prefix}lx001" in up.stdout
+        v = subprocess.run([*cli, "verify", "--lab-prefix", prefix, "--json", "--guest", topology.extra_domain(1)],
+                           capture_output=True, text=True, timeout=300)
+        assert v.returncode == 0, v.stdout + v.stderr
+        out = json.loads(v.stdout)
+        assert out["failed"] == 0 and out["passed"] > 20
+        assert {r["guest"] for r in out["results"]} == {topology.extra_domain(1)}
+    finally:
+        subprocess.run([*cli, "lab", "down", "--prefix", prefix], capture_output=True, timeout=120)
+    assert nl.list_netns(prefix) == []
