@@ -306,6 +306,15 @@ def test_libvirt_vm_started_under_the_agent_is_bound_and_enforced_from_its_first
         ports = dict(ports_from_domain_xml(dom.XMLDesc(0)))
         tap = ports.get(VM_MAC)
         assert tap, f"libvirt reports no tap for {VM_MAC}: {dom.XMLDesc(0)}"
+        # what the agent reads: libvirtd's own status file of the running domain, seen
+        # from the daemons' mount namespace as the agent sees it (no libvirt binding)
+        probe = subprocess.run(libvirtd.enter_cmd([sys.executable, "-c",
+                               "import sys, json; from segguard.host.libvirt import libvirt_ports; "
+                               "print(json.dumps([libvirt_ports(), 'libvirt' in sys.modules]))"]),
+                               capture_output=True, text=True, timeout=60, cwd=str(REPO))
+        assert probe.returncode == 0, probe.stderr
+        seen, loaded = json.loads(probe.stdout)
+        assert [VM_MAC, tap] in seen and not loaded, (seen, loaded)
 
         text = wait_for(lambda: (t := console.read_text(errors="replace") if console.exists() else "")
                         and "SGR-DONE" in t and t, "the guest's probes (serial log)", 300, every=0.5)
