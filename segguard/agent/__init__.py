@@ -389,6 +389,24 @@ class Agent:
             except Exception as exc:  # noqa: BLE001
                 self.log.error("task-failed", error=repr(exc))
         self._persist()
+        self._end_children()
+        self._write_state()
         # Stopping removes nothing: the table stays exactly as the kernel holds it.
         self.log.info("agent-stop", table_left_in_place=True)
         return 0
+
+    def _end_children(self) -> None:
+        """No child outlives the agent: the plan writer is waited for (it may be in the
+        middle of a 5,000-guest plan, and its file must be whole), a drift checker is
+        only reading and is stopped."""
+        if self._writer_pid is not None:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self._writer_pid, 0)
+            self._writer_pid = None
+        if self._checker is not None:
+            pid = self._checker[0]
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            self._checker = None
