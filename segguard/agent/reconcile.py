@@ -22,8 +22,8 @@ from typing import Any, Callable
 
 from segguard.agent.vlans import FULL_CHECK, restore_view
 from segguard.apply.incremental import (ELEMENT_OBJECTS, LiveElements, apply_delta, delta_batch, element_delta,
-                                        elements_only, read_back_elements, read_back_touched, rebind_delta,
-                                        send_elements)
+                                        elements_only, read_back_elements, read_back_port_chains, read_back_touched,
+                                        rebind_delta, send_elements)
 from segguard.apply.nftables import Fingerprint, NftablesApplier, diff_objects, normalize, rule_order
 from segguard.compile import compile_plan
 from segguard.compile.nft import ident, reachable
@@ -671,7 +671,7 @@ class Reconciler:
             if self._nfnl is None:
                 self._nfnl = nfnl.NfnlSocket()
             problems = read_back_touched(self._nfnl, base.table, live, delta)
-            problems += read_back_elements(self.applier.nft, base.table, live, dataclasses.replace(delta, delete=(), add=()))
+            problems += read_back_port_chains(self.applier.nft, base.table, live, delta)
         except nfnl.Unencodable:
             problems = read_back_elements(self.applier.nft, base.table, live, delta)  # listings, as before nfnl.py
         return self._read_back(problems)

@@ -30,12 +30,12 @@ ELEMENT_OBJECTS = ("legacy_macs", "audit_macs", "out_dispatch", "in_dispatch", "
 
 
 # Objects whose missing element can only drop more: identity (`!= @set drop`) and
-# policy (`@set accept`) sets. A bind's read-back lists the others -- the dispatch maps
-# (a port missing there meets no chain of ours) and the MAC sets (a MAC missing there
-# is not dropped on foreign ports) -- each one element per guest. These fleet-wide sets
-# hold ~50 elements per guest: listing them (or `get element`, which makes libnftables
-# fetch every set's elements first) cost 0.2-2.6 s at 1,000 guests, so a bind leaves
-# them to the whole-table drift check that follows every full road and runs periodically.
+# policy (`@set accept`) sets. The agent reads every touched element back by key over
+# nfnetlink (read_back_touched); this listing road (read_back_elements) is its fallback
+# for an element nfnl.py cannot encode, and lists only the others -- the dispatch maps
+# and MAC sets, one element per guest: the fleet-wide policy sets hold ~50 per guest,
+# and listing them (or libnftables' `get element`, which fetches every set's elements
+# first) cost 0.2-2.6 s at 1,000 guests; the periodic whole-table check covers them.
 FAILS_CLOSED = frozenset({"bound_ports", *port_set_types(stateful=False)})
 
 
@@ -331,6 +331,13 @@ def read_back_elements(nft: Nft, table: str, live: LiveElements, delta: ElementD
         if kind == "map":
             got = {_key(e[0]): _key(e) for e in body.get("elem", [])}
             problems += [f"map {name}: {k} has another verdict" for k in sorted(want & have) if got[k] != _key(live.elems[name][k])][:5]
+    return problems + read_back_port_chains(nft, table, live, delta)
+
+
+def read_back_port_chains(nft: Nft, table: str, live: LiveElements, delta: ElementDelta) -> list[str]:
+    """Each netdev port chain `delta` added (listed, compared with `live`) or deleted
+    (must be gone)."""
+    problems: list[str] = []
     added = [next(iter(o.values()))["name"] for o in delta.port_chains_add if "chain" in o]
     for chain in added + list(delta.port_chains_delete):
         rc, out, err = nft.raw({"nftables": [{"list": {"chain": {"family": "netdev", "table": table, "name": chain}}}]})
