@@ -73,6 +73,9 @@ class Config:
     # the profile file names in load order (one per entry of `profiles`, unless a file
     # failed: then no Config exists), for a reload told which files changed
     files: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    # those of them that are symlinks: an edit of a link's target elsewhere raises no
+    # event in profiles/, so a told reload reads them every time (their digest decides)
+    links: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     def guests(self) -> list[tuple[LoadedProfile, Guest]]:
         return [(lp, g) for lp in self.profiles for g in lp.profile.guests]
@@ -128,8 +131,9 @@ def load_config(directory: str | os.PathLike[str] | None = None, previous: Confi
 
     `changed` (with `previous`): the names of the files in profiles/ that may have
     changed since `previous` was loaded, as inotify reported them; every other file
-    is taken as it was without reading it, and site.yaml must not be among them (the
-    agent passes None whenever it cannot say: a lost event, the directory replaced).
+    is taken as it was without reading it (but for symlinks: their targets change
+    unseen), and site.yaml must not be among them (the agent passes None whenever it
+    cannot say: a lost event, the directory replaced; a symlinked site.yaml reads all).
     Cross-file checks run over every profile unless the re-parsed profiles kept their
     names, VLANs and guests (what those checks read) and no file came or went: the
     result is the one a fresh load gives either way."""
@@ -143,7 +147,7 @@ def load_config(directory: str | os.PathLike[str] | None = None, previous: Confi
     shown = _display(pdir, cwd)
     told = (changed is not None and previous is not None and previous.directory == root and "site.yaml" not in changed
             and previous.site_source.file == _display(site_path, cwd) and not any("/" in n for n in changed)
-            and len(previous.files) == len(previous.profiles))
+            and len(previous.files) == len(previous.profiles) and not site_path.is_symlink())
     digests: dict[str, str] = {}
     site_doc: Document | None
     if told:
@@ -178,12 +182,15 @@ def load_config(directory: str | os.PathLike[str] | None = None, previous: Confi
         if not aligned:  # a file came or went: the load order is the sorted names again
             names = sorted(set(names) - set(changed) | here)
             names = [n for n in names if n.endswith(".yaml")] + [n for n in names if n.endswith(".yml")]
-        to_read = here
+        links = (previous.links - set(changed)) | {n for n in here if (pdir / n).is_symlink()}
+        to_read = here | links
     else:
         # names, not Path objects: sorting and relative_to on a thousand Paths cost more
         # than reading the files
-        found = [e.name for e in os.scandir(pdir)] if pdir.is_dir() else []
+        entries = list(os.scandir(pdir)) if pdir.is_dir() else []
+        found = [e.name for e in entries]
         names = sorted(n for n in found if n.endswith(".yaml")) + sorted(n for n in found if n.endswith(".yml"))
+        links = frozenset(e.name for e in entries if e.is_symlink())
         to_read, aligned = None, False  # read all
 
     reparsed: list[tuple[LoadedProfile | None, LoadedProfile]] = []  # (the file's previous profile, its new one)
@@ -236,7 +243,8 @@ def load_config(directory: str | os.PathLike[str] | None = None, previous: Confi
         _cross_checks(site, site_doc.source, profiles, problems)
     if problems:
         raise ConfigError(problems)
-    return Config(root, site, site_doc.source, profiles, digests, tuple(names))
+    return Config(root, site, site_doc.source, profiles, digests, tuple(names),
+                  frozenset(links) & set(names) if links else frozenset())
 
 
 def _cross_key(lp: LoadedProfile) -> tuple:

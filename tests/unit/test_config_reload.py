@@ -207,3 +207,29 @@ def test_names_of_a_failed_reload_count_again(cfgdir, tmp_path):
         assert rec.config is good and any("p1.yaml:10" in p for p in rec.config_error)
     finally:
         w.close()
+
+
+def test_told_reload_still_reads_symlinked_files(cfgdir, tmp_path):
+    """A profile that is a symlink to a file elsewhere: editing the target raises no
+    event in profiles/, so a told reload reads it anyway (and a symlinked site.yaml
+    makes every reload a full one)."""
+    elsewhere = tmp_path / "managed"
+    elsewhere.mkdir()
+    target = elsewhere / "p2.yaml"
+    target.write_text(prof(2))
+    (cfgdir / "profiles" / "p2.yaml").unlink()
+    (cfgdir / "profiles" / "p2.yaml").symlink_to(target)
+    first = load_config(cfgdir)
+    assert first.links == {"p2.yaml"}
+    target.write_text(prof(2, port=1434))
+    again = load_config(cfgdir, previous=first, changed=set())
+    assert again.profiles[1].egress[0].ports == ((1434, 1434),)
+    assert again.profiles[0] is first.profiles[0] and again.profiles[2] is first.profiles[2]
+    site_target = elsewhere / "site.yaml"
+    site_target.write_text(SITE)
+    (cfgdir / "site.yaml").unlink()
+    (cfgdir / "site.yaml").symlink_to(site_target)
+    third = load_config(cfgdir, previous=again, changed=set())
+    site_target.write_text(SITE.replace("10.30.0.20", "10.30.0.21"))
+    fourth = load_config(cfgdir, previous=third, changed=set())
+    assert [str(p) for p in fourth.profiles[0].egress[0].peers] == ["10.30.0.21/32"]
