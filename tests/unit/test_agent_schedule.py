@@ -71,3 +71,24 @@ def test_config_watcher_counts_only_what_load_config_reads(tmp_path):
         assert w.read() > 0
     finally:
         w.close()
+
+
+def test_an_edit_right_after_a_bind_runs_at_once_a_second_edit_waits(tmp_path):
+    from segguard.agent import Agent
+
+    a = Agent(tmp_path, drift_every=None)
+    runs = []
+    a.runner.fn = lambda reasons: (runs.append(reasons), a._reconcile_mark(reasons))
+    a._reconcile_mark = lambda reasons: setattr(a, "_config_ran", a.runner.last_run) if "config" in reasons else None
+    t = 100.0
+    a.runner.request("link-new", urgent=True)
+    assert a.runner.maybe_run(t)                       # the bind
+    a.runner.request("config", urgent=a._config_urgent(t + 0.01))
+    assert a.runner.maybe_run(t + 0.01)                # the edit 10 ms later: not held back
+    a.runner.request("config", urgent=a._config_urgent(t + 0.02))
+    assert not a.runner.maybe_run(t + 0.02)            # another edit 10 ms after that waits...
+    assert a.runner.maybe_run(t + 0.01 + a.runner.min_interval)  # ...out the interval
+    assert [sorted(r) for r in runs] == [["link-new"], ["config"], ["config"]]
+    # a kernel that keeps refusing stretches the interval: then no edit jumps the queue
+    a.runner.min_interval = 2.0
+    assert not a._config_urgent(t + 10)
