@@ -69,19 +69,17 @@ class Agent:
         self.persist = self.sched.add(Deferred(lambda: self._persist(sync=False), 1.0))
         self.state_writer = self.sched.add(Deferred(self._write_state, 0.2))
         self._reload = False
-        self._config_ran: float | None = None  # when a reconcile last took in a config change
 
     # -- tasks ------------------------------------------------------------------------
     def _config_urgent(self, now: float) -> bool:
-        """An edit waits out the runner's interval only after another edit: a burst of
-        saves still costs one reload per interval, but the first edit after a tap's
-        bind (an element delta of milliseconds) is not held back 50 ms by it."""
-        return (self.runner.min_interval <= self.base_interval
-                and (self._config_ran is None or now - self._config_ran >= self.runner.min_interval))
+        """An edit waits out the runner's interval only right after another edit (the
+        last run took in a config change): a burst of saves still costs one reload per
+        interval, but the first edit after a tap's bind is not held back 50 ms."""
+        r = self.runner
+        return (r.min_interval <= self.base_interval
+                and ("config" not in r.last_reasons or r.last_run is None or now - r.last_run >= r.min_interval))
 
     def _reconcile(self, reasons: frozenset[str]) -> None:
-        if "config" in reasons:
-            self._config_ran = time.monotonic()
         if self._reload or "config" in reasons:
             # the watcher's names let the reload read only the edited files; SIGHUP
             # (or no watcher) reads everything

@@ -25,6 +25,7 @@ class BoundedRunner:
     pending: set[str] = field(default_factory=set)
     runs: int = 0
     urgent: bool = False
+    last_reasons: frozenset[str] = frozenset()
 
     def request(self, reason: str, urgent: bool = False) -> None:
         self.pending.add(reason)
@@ -45,6 +46,7 @@ class BoundedRunner:
         self.pending.clear()
         self.urgent = False
         self.last_run = now
+        self.last_reasons = reasons
         self.runs += 1
         self.fn(reasons)
         return True

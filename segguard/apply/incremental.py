@@ -372,9 +372,8 @@ def send_elements(sock, table: str, live: LiveElements, delta: ElementDelta) -> 
 
     deletes = [(n, e) for n, e in delta.delete if e]
     adds = [(n, e) for n, e in delta.add if e]
-    batch, seqs = nfnl.element_batch(table, live.spec, deletes, adds, sock.next_seq(len(deletes) + len(adds) + 64))
     try:
-        sock.commit(batch, seqs)
+        sock.send_elements(table, live.spec, deletes, adds)
     except nfnl.NetlinkError as exc:
         raise ApplyError(f"kernel refused element updates of the segguard table: {exc.strerror}",
                          batch=delta_batch(table, delta), kernel_error=str(exc)) from exc
@@ -409,8 +408,7 @@ def _read_back_touched(sock, table: str, live: LiveElements, delta: ElementDelta
         for k in keys:
             if _key(k) in live.elems[name]:
                 continue  # re-added (another verdict): checked above
-            probe = [k, {"accept": None}] if spec[2] else k
-            got = sock.get(table, name, spec, probe)
+            got = sock.get(table, name, (spec[0], spec[1], False), k)  # a map's deletes are bare keys
             el = nfnl.element_of_reply(got) if got else None
             want = nfnl.expected_attrs((spec[0], spec[1], False), k)
             if el is not None and all(el.get(a) == v for a, v in want.items()):

@@ -302,10 +302,12 @@ class NfnlSocket:
         if not set(seqs) <= acked:
             raise NetlinkError(errno.EPROTO, f"the kernel acknowledged {len(acked & set(seqs))} of {len(seqs)} messages")
 
-    def next_seq(self, n: int) -> int:
-        s = self.seq
-        self.seq += n + 2
-        return s
+    def send_elements(self, table: str, specs: dict[str, SetSpec], delete: Iterable[tuple[str, Iterable[Any]]],
+                      add: Iterable[tuple[str, Iterable[Any]]]) -> None:
+        """element_batch, numbered after this socket's last message, then commit."""
+        batch, seqs = element_batch(table, specs, delete, add, self.seq)
+        self.seq += len(seqs) + 2  # begin, the messages, end
+        self.commit(batch, seqs)
 
     def get(self, table: str, name: str, spec: SetSpec, elem: Any) -> bytes | None:
         """The kernel's copy of one element (its NFTA_SET_ELEM attributes), or None

@@ -132,11 +132,11 @@ def check_round_trip(case: str, tmp_path: Path) -> None:
     adds = [(n, list(live.elems[n].values())) for n in ELEMENT_OBJECTS if live.elems.get(n)]
     sock = nfnl.NfnlSocket()
     try:
-        sock.commit(*nfnl.element_batch(plan.table, live.spec, deletes, [], sock.next_seq(len(deletes) + 4)))
+        sock.send_elements(plan.table, live.spec, deletes, [])
         emptied = applier.realized(plan.table)
         assert all(not next(iter(o.values())).get("elem") for o in emptied
                    if next(iter(o.values())).get("name") in ELEMENT_OBJECTS)
-        sock.commit(*nfnl.element_batch(plan.table, live.spec, [], adds, sock.next_seq(len(adds) + 4)))
+        sock.send_elements(plan.table, live.spec, [], adds)
     finally:
         sock.close()
     assert applier.same(plan, applier.realized(plan.table))
@@ -151,10 +151,8 @@ def test_a_refused_batch_commits_nothing(ns, tmp_path):
     sock = nfnl.NfnlSocket()
     try:
         # a real delete first, then one the kernel refuses (no such element)
-        batch, seqs = nfnl.element_batch(plan.table, live.spec, [(name, [first]), ("out_open4_x", [missing])], [],
-                                         sock.next_seq(8))
         with pytest.raises(nfnl.NetlinkError) as err:
-            sock.commit(batch, seqs)
+            sock.send_elements(plan.table, live.spec, [(name, [first]), ("out_open4_x", [missing])], [])
         assert "No such file or directory" in str(err.value)
         delta = ElementDelta({"out_open4_x": "set"}, (("out_open4_x", (missing,)),), ())
         with pytest.raises(ApplyError) as aerr:
