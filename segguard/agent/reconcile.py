@@ -22,8 +22,7 @@ from typing import Any, Callable
 
 from segguard.agent.vlans import FULL_CHECK, restore_view
 from segguard.apply.incremental import (ELEMENT_OBJECTS, LiveElements, apply_delta, delta_batch, element_delta,
-                                        elements_only, read_back_elements, read_back_port_chains, read_back_touched,
-                                        rebind_delta, send_elements)
+                                        read_back_elements, read_back_touched, rebind_delta, send_delta)
 from segguard.apply.nftables import Fingerprint, NftablesApplier, diff_objects, normalize, rule_order
 from segguard.compile import compile_plan
 from segguard.compile.nft import ident, reachable
@@ -628,33 +627,33 @@ class Reconciler:
         return "incremental", delta.describe()
 
     def _send(self, delta) -> str | None:
-        """One element transaction, then the read-back of what it touched. Returns why
-        the full road must take over, or None when it is done.
+        """One transaction, then the read-back of what it touched. Returns why the full
+        road must take over, or None when it is done.
 
-        Element-only deltas (profile edits, a port's dispatch elements without a netdev
-        chain) go straight over nfnetlink and are read back key by key (apply/nfnl.py:
-        libnftables' cache made a two-element delete cost ~30 ms at 5,000 guests).
-        Anything with chains goes through libnftables; its elements are read back the
-        same way, its netdev chains by listing each one."""
+        Deltas go straight over nfnetlink -- a profile edit's elements, a bind's
+        elements and its netdev port chain -- and are read back object by object
+        (apply/nfnl.py, nfnl_chains.py: libnftables' cache made a two-element delete
+        cost ~30 ms and a port chain ~20 ms at 5,000 guests). A delta of a shape they
+        do not encode goes through libnftables, and is read back the same way when it
+        can be, by listing what it touched when not."""
         from segguard.apply import nfnl
 
         base, live = self._base, self._live
-        if elements_only(delta):
-            try:
-                if self._nfnl is None:
-                    self._nfnl = nfnl.NfnlSocket()
-                self.generation += 1
-                send_elements(self._nfnl, base.table, live, delta)
-            except nfnl.Unencodable as exc:
-                self.log.info("nfnl-skipped", why=str(exc))
-            except SegguardError as exc:
-                self._realized_same, self._realized_other = False, None
-                return f"element transaction refused: {exc}"
-            else:
-                live.apply(delta)
-                self._stale, self._view = True, None
-                self._sent_by = "nfnetlink"
-                return self._read_back(read_back_touched(self._nfnl, base.table, live, delta))
+        try:
+            if self._nfnl is None:
+                self._nfnl = nfnl.NfnlSocket()
+            self.generation += 1
+            send_delta(self._nfnl, base.table, live, delta)
+        except nfnl.Unencodable as exc:
+            self.log.info("nfnl-skipped", why=str(exc))
+        except SegguardError as exc:
+            self._realized_same, self._realized_other = False, None
+            return f"transaction refused: {exc}"
+        else:
+            live.apply(delta)
+            self._stale, self._view = True, None
+            self._sent_by = "nfnetlink"
+            return self._read_back(read_back_touched(self._nfnl, base.table, live, delta))
         batch = delta_batch(base.table, delta)
         self.generation += 1
         try:
@@ -665,13 +664,8 @@ class Reconciler:
         live.apply(delta)
         self._stale, self._view = True, None
         self._sent_by = "libnftables"
-        # the elements key by key over nfnetlink (a listing of a 5,000-entry map is
-        # libnftables' whole-set fetch), the netdev chains it added or deleted by name
         try:
-            if self._nfnl is None:
-                self._nfnl = nfnl.NfnlSocket()
             problems = read_back_touched(self._nfnl, base.table, live, delta)
-            problems += read_back_port_chains(self.applier.nft, base.table, live, delta)
         except nfnl.Unencodable:
             problems = read_back_elements(self.applier.nft, base.table, live, delta)  # listings, as before nfnl.py
         return self._read_back(problems)

@@ -99,15 +99,21 @@ class Scheduler:
 class Deferred:
     """Runs `fn()` `delay` seconds after the first request since its last run: work that
     must happen soon, but not on the path of the event that asked for it (the applied
-    plan's file after a tap bind). Requests meanwhile are merged."""
+    plan's file after a tap bind). Requests meanwhile are merged. With `settle`, each
+    request moves the run to `delay` after itself -- a burst costs one run, when it
+    is over -- but never later than `settle` after the first request."""
 
     fn: Callable[[], object]
     delay: float
+    settle: float | None = None
     due: float | None = None
+    first: float | None = None
 
     def request(self, now: float) -> None:
         if self.due is None:
-            self.due = now + self.delay
+            self.first, self.due = now, now + self.delay
+        elif self.settle is not None:
+            self.due = min(now + self.delay, self.first + self.settle)
 
     def deadline(self) -> float | None:
         return self.due
@@ -115,6 +121,6 @@ class Deferred:
     def maybe_run(self, now: float) -> bool:
         if self.due is None or now < self.due:
             return False
-        self.due = None
+        self.due = self.first = None
         self.fn()
         return True

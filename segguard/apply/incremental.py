@@ -357,60 +357,70 @@ def read_back_port_chains(nft: Nft, table: str, live: LiveElements, delta: Eleme
 
 
 
-# ---- element-only deltas straight over nfnetlink (apply/nfnl.py says why) -----------
+# ---- deltas straight over nfnetlink (apply/nfnl.py, nfnl_chains.py say why) -------
 
-def elements_only(delta: ElementDelta) -> bool:
-    return not delta.port_chains_add and not delta.port_chains_delete and not delta.delete_port_table
+def send_delta(sock, table: str, live: LiveElements, delta: ElementDelta) -> None:
+    """Commit a delta -- its elements and a bind's netdev port chains -- as one
+    nfnetlink batch, in delta_batch's order. Raises nfnl.Unencodable before sending
+    anything it cannot encode (the caller then uses libnftables), and ApplyError with
+    the equivalent libnftables JSON attached when the kernel refuses (nothing of the
+    batch is committed then)."""
+    from segguard.apply import nfnl, nfnl_chains
 
-
-def send_elements(sock, table: str, live: LiveElements, delta: ElementDelta) -> None:
-    """Commit an element-only delta as one nfnetlink batch. Raises nfnl.Unencodable
-    before sending anything it cannot encode (the caller then uses libnftables), and
-    ApplyError with the equivalent libnftables JSON attached when the kernel refuses
-    (nothing of the batch is committed then)."""
-    from segguard.apply import nfnl
-
-    deletes = [(n, e) for n, e in delta.delete if e]
-    adds = [(n, e) for n, e in delta.add if e]
     try:
-        sock.send_elements(table, live.spec, deletes, adds)
+        # a kernel that deletes a single-device netdev chain with its device (6.1;
+        # 6.18 keeps it, unhooked) leaves the unbind of a gone tap nothing to delete,
+        # and a DELCHAIN of nothing would fail the whole batch
+        present = [name for name in delta.port_chains_delete if nfnl_chains.chain_present(sock, table, name)]
+        batch = sock.batch()  # numbered after those gets
+        for name in present:
+            nfnl_chains.delete_chain(batch, table, name)
+        if delta.delete_port_table:
+            nfnl_chains.delete_table(batch, table)
+        batch.elements(table, live.spec, [(n, e) for n, e in delta.delete if e], [(n, e) for n, e in delta.add if e])
+        nfnl_chains.add_objects(batch, delta.port_chains_add)
+        sock.send(batch)
     except nfnl.NetlinkError as exc:
-        raise ApplyError(f"kernel refused element updates of the segguard table: {exc.strerror}",
+        raise ApplyError(f"kernel refused updates of the segguard table: {exc.strerror}",
                          batch=delta_batch(table, delta), kernel_error=str(exc)) from exc
 
 
 def read_back_touched(sock, table: str, live: LiveElements, delta: ElementDelta) -> list[str]:
-    """Ask the kernel for exactly the elements `delta` touched (`live` has it applied):
-    each one it added must be there as written (a map's verdict included), each key it
-    deleted and did not re-add must be gone. A get per element, not a listing: the
-    read-back of an edit costs the same with 10 or 5,000 guests, and covers the policy
-    sets too (a deleted allow element left behind is an open door)."""
+    """Ask the kernel for exactly what `delta` touched (`live` has it applied): each
+    element it added must be there as written (a map's verdict included), each key it
+    deleted and did not re-add must be gone; each port chain it added must hold its
+    hook and rules as planned, each it deleted must be gone. A get per element and per
+    chain, not a listing: the read-back of an edit or a bind costs the same with 10 or
+    5,000 guests, and covers the policy sets too (a deleted allow element left behind
+    is an open door). Raises nfnl.Unencodable for a chain of a shape nfnl_chains.py
+    does not know (the caller lists it instead)."""
     from segguard.apply import nfnl
 
     try:
         return _read_back_touched(sock, table, live, delta)
     except nfnl.NetlinkError as exc:
-        return [f"cannot read the touched elements back: {exc.strerror}"]
+        return [f"cannot read the touched objects back: {exc.strerror}"]
 
 
 def _read_back_touched(sock, table: str, live: LiveElements, delta: ElementDelta) -> list[str]:
-    from segguard.apply import nfnl
+    from segguard.apply import nfnl, nfnl_chains
 
     problems: list[str] = []
-    for name, elems in delta.add:
-        spec = live.spec[name]
-        for e in elems:
-            got = sock.get(table, name, spec, e)
-            if not nfnl.held(nfnl.element_of_reply(got) if got else None, nfnl.expected_attrs(spec, e)):
-                problems.append(f"{live.kind[name]} {name}: {_key(e)} is not held as written")
-    for name, keys in delta.delete:
-        spec = live.spec[name]
-        for k in keys:
-            if _key(k) in live.elems[name]:
-                continue  # re-added (another verdict): checked above
-            got = sock.get(table, name, (spec[0], spec[1], False), k)  # a map's deletes are bare keys
-            el = nfnl.element_of_reply(got) if got else None
-            want = nfnl.expected_attrs((spec[0], spec[1], False), k)
-            if el is not None and all(el.get(a) == v for a, v in want.items()):
-                problems.append(f"{live.kind[name]} {name}: {_key(k)} is still there")
+    added = [next(iter(o.values()))["name"] for o in delta.port_chains_add if "chain" in o]
+    for chain in added + list(delta.port_chains_delete):
+        problems += nfnl_chains.chain_problems(sock, table, chain, live.netdev.get(chain))
+    if delta.delete_port_table and not live.netdev and nfnl_chains.table_present(sock, table):
+        problems.append(f"netdev table {table}: still present")
+    adds = [(name, live.spec[name], e) for name, elems in delta.add for e in elems]
+    # a map's deletes are bare keys; a key re-added (another verdict) is checked with the adds
+    deletes = [(name, (live.spec[name][0], live.spec[name][1], False), k) for name, keys in delta.delete
+               for k in keys if _key(k) not in live.elems[name]]
+    got = sock.get_many(table, adds + deletes)
+    for (name, spec, e), body in zip(adds, got[:len(adds)]):
+        if not nfnl.held(nfnl.element_of_reply(body) if body else None, nfnl.expected_attrs(spec, e)):
+            problems.append(f"{live.kind[name]} {name}: {_key(e)} is not held as written")
+    for (name, spec, k), body in zip(deletes, got[len(adds):]):
+        el = nfnl.element_of_reply(body) if body else None
+        if el is not None and all(el.get(a) == v for a, v in nfnl.expected_attrs(spec, k).items()):
+            problems.append(f"{live.kind[name]} {name}: {_key(k)} is still there")
     return problems

@@ -18,20 +18,21 @@ wrote, so the two roads cannot drift apart silently.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import select
 import socket
 import struct
 from typing import Any, Iterable
 
-import netaddr
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFT_MSG_NEWSETELEM, NFT_MSG_GETSETELEM, NFT_MSG_DELSETELEM = 12, 13, 14
-NLMSG_ERROR = 2
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE = 0x1, 0x4, 0x400
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP, NLM_F_CREATE = 0x1, 0x4, 0x300, 0x400
+SO_SNDBUFFORCE = 32
 NLA_F_NESTED = 0x8000
 NFPROTO_BRIDGE = 7
 
@@ -57,32 +58,50 @@ class NetlinkError(OSError):
 
 # ---- keys -----------------------------------------------------------------------
 
-def _ifname(v: Any) -> tuple[bytes, bytes]:
-    if not isinstance(v, str) or not 0 < len(v.encode()) < 16:
+@functools.lru_cache(maxsize=1 << 16)
+def _ifname_str(v: str) -> tuple[bytes, bytes]:
+    if not 0 < len(v.encode()) < 16:
         raise Unencodable(f"ifname {v!r}")
     b = v.encode().ljust(16, b"\0")
     return b, b
 
 
+def _ifname(v: Any) -> tuple[bytes, bytes]:
+    if not isinstance(v, str):
+        raise Unencodable(f"ifname {v!r}")
+    return _ifname_str(v)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _ip(version: int, text: str) -> int:
+    # inet_pton: a bind encodes ~150 addresses, and netaddr's parser was a third of it
+    try:
+        return int.from_bytes(socket.inet_pton(socket.AF_INET if version == 4 else socket.AF_INET6, text), "big")
+    except (OSError, TypeError, ValueError) as exc:
+        raise Unencodable(f"{text!r} is not an IPv{version} address") from exc
+
+
 def _addr(version: int):
-    size = 4 if version == 4 else 16
+    size, bits = (4, 32) if version == 4 else (16, 128)
 
     def enc(v: Any) -> tuple[bytes, bytes]:
         try:
             if isinstance(v, dict) and "prefix" in v:
-                net = netaddr.IPNetwork(f"{v['prefix']['addr']}/{v['prefix']['len']}")
-                ends = [netaddr.IPAddress(net.first, net.version), netaddr.IPAddress(net.last, net.version)]
+                length = v["prefix"]["len"]
+                if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= bits:
+                    raise Unencodable(f"prefix {v!r}")
+                host = (1 << (bits - length)) - 1
+                first = _ip(version, v["prefix"]["addr"]) & ~host
+                lo, hi = first, first | host
             elif isinstance(v, dict) and "range" in v:
-                ends = [netaddr.IPAddress(x) for x in v["range"]]
+                lo, hi = (_ip(version, x) for x in v["range"])
             elif isinstance(v, str):
-                ends = [netaddr.IPAddress(v)] * 2
+                lo = hi = _ip(version, v)
             else:
                 raise Unencodable(f"address {v!r}")
-        except (netaddr.AddrFormatError, ValueError, KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise Unencodable(f"address {v!r}") from exc
-        if any(a.version != version for a in ends):
-            raise Unencodable(f"{v!r} is not an IPv{version} address")
-        return int(ends[0]).to_bytes(size, "big"), int(ends[1]).to_bytes(size, "big")
+        return lo.to_bytes(size, "big"), hi.to_bytes(size, "big")
     return enc
 
 
@@ -207,10 +226,9 @@ def _msg(mtype: int, flags: int, seq: int, family: int, payload: bytes, res_id: 
     return _NLMSG.pack(_NLMSG.size + len(body), mtype, flags, seq, 0) + body
 
 
-def _elements_msg(mtype: int, flags: int, seq: int, table: str, name: str, elems: bytes) -> bytes:
-    payload = (_attr(SET_ELEM_LIST_TABLE, table.encode() + b"\0") + _attr(SET_ELEM_LIST_SET, name.encode() + b"\0")
-               + _attr(SET_ELEM_LIST_ELEMENTS, elems, nested=True))
-    return _msg((NFNL_SUBSYS_NFTABLES << 8) | mtype, flags, seq, NFPROTO_BRIDGE, payload)
+def _elements_payload(table: str, name: str, elems: bytes) -> bytes:
+    return (_attr(SET_ELEM_LIST_TABLE, table.encode() + b"\0") + _attr(SET_ELEM_LIST_SET, name.encode() + b"\0")
+            + _attr(SET_ELEM_LIST_ELEMENTS, elems, nested=True))
 
 
 SetSpec = tuple[list[str], bool, bool]  # (key types, interval, is verdict map)
@@ -218,30 +236,55 @@ SetSpec = tuple[list[str], bool, bool]  # (key types, interval, is verdict map)
 # Elements per message: the kernel takes a message up to the socket's limits; a few
 # hundred elements of ~100 bytes keep each well under a page-sized skb chain.
 _PER_MSG = 256
+# Gets per datagram: their answers (~200 bytes each, with the ACKs) stay far below the
+# socket's receive buffer, which would drop what does not fit.
+_PER_SEND = 256
+
+
+class Batch:
+    """One nfnetlink batch under construction: BATCH_BEGIN, messages that each expect
+    an ACK, BATCH_END. The kernel applies all of it or nothing."""
+
+    def __init__(self, seq: int = 1) -> None:
+        self.seq = seq
+        self.parts = [_msg(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, socket.AF_UNSPEC, b"", NFNL_SUBSYS_NFTABLES)]
+        self.seqs: list[int] = []
+
+    def add(self, mtype: int, flags: int, family: int, payload: bytes) -> None:
+        self.seq += 1
+        self.seqs.append(self.seq)
+        self.parts.append(_msg((NFNL_SUBSYS_NFTABLES << 8) | mtype, flags | NLM_F_REQUEST | NLM_F_ACK, self.seq, family, payload))
+
+    def elements(self, table: str, specs: dict[str, SetSpec], delete: Iterable[tuple[str, Iterable[Any]]],
+                 add: Iterable[tuple[str, Iterable[Any]]]) -> None:
+        """The deletes, then the adds (a key whose verdict changes is deleted and
+        re-added in the same commit). Raises Unencodable before anything is added."""
+        msgs = []
+        for mtype, flags, groups in ((NFT_MSG_DELSETELEM, 0, delete), (NFT_MSG_NEWSETELEM, NLM_F_CREATE, add)):
+            for name, elems in groups:
+                if name not in specs:
+                    raise Unencodable(f"object {name} is not a port-keyed set or map")
+                types, interval, is_map = specs[name]
+                # a map's deletes are bare keys (ElementDelta), its adds [key, verdict]
+                encoded = [_element(types, interval, e, is_map and mtype == NFT_MSG_NEWSETELEM) for e in elems]
+                for i in range(0, len(encoded), _PER_MSG):
+                    msgs.append((mtype, flags, _elements_payload(table, name, b"".join(encoded[i:i + _PER_MSG]))))
+        for mtype, flags, payload in msgs:
+            self.add(mtype, flags, NFPROTO_BRIDGE, payload)
+
+    def finish(self) -> tuple[bytes, list[int]]:
+        """(bytes, sequence numbers that expect an ACK)."""
+        self.seq += 1
+        end = _msg(NFNL_MSG_BATCH_END, NLM_F_REQUEST, self.seq, socket.AF_UNSPEC, b"", NFNL_SUBSYS_NFTABLES)
+        return b"".join(self.parts) + end, list(self.seqs)
 
 
 def element_batch(table: str, specs: dict[str, SetSpec], delete: Iterable[tuple[str, Iterable[Any]]],
                   add: Iterable[tuple[str, Iterable[Any]]], seq: int = 1) -> tuple[bytes, list[int]]:
-    """One nfnetlink batch: the deletes, then the adds (a key whose verdict changes is
-    deleted and re-added in the same commit). Returns (bytes, sequence numbers that
-    expect an ACK). Raises Unencodable before anything is sent."""
-    parts = [_msg(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, socket.AF_UNSPEC, b"", NFNL_SUBSYS_NFTABLES)]
-    seqs: list[int] = []
-    for mtype, flags, groups in ((NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK, delete),
-                                 (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE, add)):
-        for name, elems in groups:
-            if name not in specs:
-                raise Unencodable(f"object {name} is not a port-keyed set or map")
-            types, interval, is_map = specs[name]
-            # a map's deletes are bare keys (ElementDelta), its adds [key, verdict]
-            encoded = [_element(types, interval, e, is_map and mtype == NFT_MSG_NEWSETELEM) for e in elems]
-            for i in range(0, len(encoded), _PER_MSG):
-                seq += 1
-                seqs.append(seq)
-                parts.append(_elements_msg(mtype, flags, seq, table, name, b"".join(encoded[i:i + _PER_MSG])))
-    seq += 1
-    parts.append(_msg(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq, socket.AF_UNSPEC, b"", NFNL_SUBSYS_NFTABLES))
-    return b"".join(parts), seqs
+    """One nfnetlink batch of element deletes and adds (Batch.elements)."""
+    batch = Batch(seq)
+    batch.elements(table, specs, delete, add)
+    return batch.finish()
 
 
 def _replies(data: bytes) -> Iterable[tuple[int, int, bytes]]:
@@ -283,6 +326,10 @@ class NfnlSocket:
         read the table again)."""
         try:
             self._drain()  # nothing stale may be read as this batch's answer
+            # a batch is one datagram: the kernel takes it whole or not at all, so the
+            # send buffer must hold it (libnftables raises it the same way)
+            if len(batch) > self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2:
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(batch) + 65536)
             self.sock.sendall(batch)
             replies = self._drain()
         except OSError as exc:
@@ -302,50 +349,113 @@ class NfnlSocket:
         if not set(seqs) <= acked:
             raise NetlinkError(errno.EPROTO, f"the kernel acknowledged {len(acked & set(seqs))} of {len(seqs)} messages")
 
+    def batch(self) -> Batch:
+        """A batch numbered after this socket's last message (send it with `send`)."""
+        return Batch(self.seq)
+
+    def send(self, batch: Batch) -> None:
+        data, seqs = batch.finish()
+        self.seq = batch.seq + 1
+        self.commit(data, seqs)
+
     def send_elements(self, table: str, specs: dict[str, SetSpec], delete: Iterable[tuple[str, Iterable[Any]]],
                       add: Iterable[tuple[str, Iterable[Any]]]) -> None:
-        """element_batch, numbered after this socket's last message, then commit."""
-        batch, seqs = element_batch(table, specs, delete, add, self.seq)
-        self.seq += len(seqs) + 2  # begin, the messages, end
-        self.commit(batch, seqs)
+        """Batch.elements, numbered after this socket's last message, then commit."""
+        batch = self.batch()
+        batch.elements(table, specs, delete, add)
+        self.send(batch)
 
     def get(self, table: str, name: str, spec: SetSpec, elem: Any) -> bytes | None:
         """The kernel's copy of one element (its NFTA_SET_ELEM attributes), or None
         when the set holds no such key. `elem` of a map: [key, verdict] (the verdict
         is not sent; the caller compares what comes back)."""
-        types, interval, is_map = spec
-        value = elem[0] if is_map else elem
-        self.seq += 1
-        seq = self.seq
-        msg = _elements_msg(NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_ACK, seq, table, name,
-                            _element(types, interval, value, False))
-        found = None
+        return self.get_many(table, [(name, spec, elem)])[0]
+
+    def get_many(self, table: str, wanted: list[tuple[str, SetSpec, Any]]) -> list[bytes | None]:
+        """`get` of each (set, spec, element), the requests sent _PER_SEND to a datagram
+        (the kernel answers each message of it in turn): one round trip per chunk, not
+        per element, for a bind's ~55 elements."""
+        out: list[bytes | None] = []
+        for i in range(0, len(wanted), _PER_SEND):
+            out += self._get_chunk(table, wanted[i:i + _PER_SEND])
+        return out
+
+    def _get_chunk(self, table: str, wanted: list[tuple[str, SetSpec, Any]]) -> list[bytes | None]:
+        seqs, msgs = [], []
+        for name, (types, interval, is_map), elem in wanted:
+            self.seq += 1
+            seqs.append(self.seq)
+            msgs.append(_msg((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_ACK, self.seq,
+                             NFPROTO_BRIDGE, _elements_payload(table, name, _element(types, interval, elem[0] if is_map else elem, False))))
+        found: dict[int, bytes | None] = {}
+        done: set[int] = set()
+        index = {s: i for i, s in enumerate(seqs)}
+        what = f"get elements of {', '.join(sorted({n for n, _, _ in wanted}))}"
         try:
             self._drain()
-            self.sock.sendall(msg)
+            self.sock.sendall(b"".join(msgs))
         except OSError as exc:
-            raise NetlinkError(exc.errno or errno.EIO, f"get element of {name}: {exc}") from exc
-        while True:
+            raise NetlinkError(exc.errno or errno.EIO, f"{what}: {exc}") from exc
+        while len(done) < len(seqs):
             try:
-                # the answer is immediate; never wait forever on one
+                # the answers are immediate; never wait forever on one
                 if not select.select([self.sock], [], [], 5.0)[0]:
-                    raise NetlinkError(errno.ETIMEDOUT, f"get element of {name}: no answer")
+                    raise NetlinkError(errno.ETIMEDOUT, f"{what}: {len(seqs) - len(done)} of {len(seqs)} unanswered")
                 data = self.sock.recv(1 << 20)
             except NetlinkError:
                 raise
             except OSError as exc:
-                raise NetlinkError(exc.errno or errno.EIO, f"get element of {name}: {exc}") from exc
+                raise NetlinkError(exc.errno or errno.EIO, f"{what}: {exc}") from exc
             for mtype, s, body in _replies(data):
-                if s != seq:
+                if s not in index or s in done:
                     continue
                 if mtype == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", body)[0]
+                    if code == errno.ENOENT:
+                        found[s] = None
+                    elif code:
+                        raise NetlinkError(code, f"get element of {wanted[index[s]][0]}: {os.strerror(code)}")
+                    done.add(s)
+                else:
+                    found[s] = body
+        return [found.get(s) for s in seqs]
+
+    def request(self, mtype: int, family: int, payload: bytes, what: str, dump: bool = False) -> list[bytes] | None:
+        """One get (or, with `dump`, a dump filtered by `payload`): the answers' bodies,
+        or None when the kernel has no such object (ENOENT)."""
+        self.seq += 1
+        seq = self.seq
+        flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_DUMP if dump else 0)
+        msg = _msg((NFNL_SUBSYS_NFTABLES << 8) | mtype, flags, seq, family, payload)
+        found: list[bytes] = []
+        try:
+            self._drain()
+            self.sock.sendall(msg)
+        except OSError as exc:
+            raise NetlinkError(exc.errno or errno.EIO, f"{what}: {exc}") from exc
+        while True:
+            try:
+                # the answer is immediate; never wait forever on one
+                if not select.select([self.sock], [], [], 5.0)[0]:
+                    raise NetlinkError(errno.ETIMEDOUT, f"{what}: no answer")
+                data = self.sock.recv(1 << 20)
+            except NetlinkError:
+                raise
+            except OSError as exc:
+                raise NetlinkError(exc.errno or errno.EIO, f"{what}: {exc}") from exc
+            for mtype_, s, body in _replies(data):
+                if s != seq:
+                    continue
+                if mtype_ == NLMSG_DONE:
+                    return found
+                if mtype_ == NLMSG_ERROR:
                     code = -struct.unpack_from("=i", body)[0]
                     if code == 0:
                         return found
                     if code == errno.ENOENT:
                         return None
-                    raise NetlinkError(code, f"get element of {name}: {os.strerror(code)}")
-                found = body
+                    raise NetlinkError(code, f"{what}: {os.strerror(code)}")
+                found.append(body)
 
 
 def parse_attrs(data: bytes, off: int = 0) -> dict[int, list[bytes]]:

@@ -49,6 +49,14 @@ def live_table(ns: str) -> list[dict] | None:
     return [o for o in json.loads(p.stdout)["nftables"] if "metainfo" not in o]
 
 
+def port_chain_rules(ns: str, port: str) -> list[dict] | None:
+    """The rules of a port's netdev ingress chain; None when there is no such chain."""
+    p = nsrun(ns, "nft", "-j", "list", "chain", "netdev", "segguard", "in_" + port)
+    if p.returncode != 0:
+        return None
+    return [o["rule"] for o in json.loads(p.stdout)["nftables"] if "rule" in o]
+
+
 def elems(table: list[dict] | None, name: str) -> list:
     for o in table or ():
         body = o.get("map") or o.get("set")
@@ -200,6 +208,9 @@ def test_libvirt_style_tap_is_bound_and_a_burst_from_its_first_frame_never_reach
     assert {"concat": [NEW_MAC, NEW_PORT]} in elems(table, "bound_ports")
     applied = [l for l in agent.logs() if l["event"] == "applied" and "link-new" in l.get("reasons", [])]
     assert applied and applied[-1]["kind"] == "incremental", applied
+    # one nfnetlink batch: the port's elements and its netdev ingress chain
+    assert applied[-1].get("txn") == "nfnetlink", applied[-1]
+    assert [r["expr"][0]["match"]["right"] for r in port_chain_rules(hv, NEW_PORT)] == [NEW_MAC, "01:80:c2:00:00:00"]
     st = json.loads(agent.cli("status", "-c", str(agent.config), "--json").stdout)
     g = st["agent"]["guests"]["newvm-1"]
     assert (g["port"], g["source"], g["in_sync"]) == (NEW_PORT, "tap-mac", True)
@@ -220,6 +231,13 @@ def test_libvirt_style_tap_is_bound_and_a_burst_from_its_first_frame_never_reach
     nl.delete_link(hv, NEW_PORT)
     wait_for(lambda: not any(e[0] == NEW_PORT for e in elems(live_table(hv), "out_dispatch")), "the agent to unbind")
     assert NEW_MAC in elems(live_table(hv), "legacy_macs")
+    # the unbind (on the port leaving the bridge or on its deletion, whichever the
+    # agent sees first; the table changes at the commit, the log follows the read-back)
+    def unbinds():
+        return [l for l in agent.logs() if l["event"] == "applied" and f"delete netdev chain in_{NEW_PORT}" in l.get("changes", ())]
+    wait_for(unbinds, "the agent to log the unbind")
+    assert (unbinds()[-1]["kind"], unbinds()[-1].get("txn")) == ("incremental", "nfnetlink"), unbinds()
+    assert port_chain_rules(hv, NEW_PORT) is None
 
 
 def test_table_deleted_by_hand_is_repaired_logged_and_counted(lab, agent):

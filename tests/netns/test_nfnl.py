@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from segguard.apply import nfnl
-from segguard.apply.incremental import (ELEMENT_OBJECTS, ElementDelta, LiveElements, read_back_touched,
-                                        send_elements)
+from segguard.apply.incremental import ELEMENT_OBJECTS, ElementDelta, LiveElements, read_back_touched, send_delta
 from segguard.apply.nftables import Nft, NftablesApplier, replace_batch
 from segguard.errors import ApplyError
 from segguard.lab import netns as nl
@@ -111,6 +110,17 @@ def check_encodings(case: str, tmp_path: Path) -> None:
             assert got is not None, f"{name}: {e} not found by its key"
             assert nfnl.held(nfnl.element_of_reply(got), nfnl.expected_attrs(live.spec[name], e)), (name, e)
             checked[name] = checked.get(name, 0) + 1
+        # the same answers when asked all at once, in datagrams of a few requests
+        # (the read-back's road), a key that is not there among them
+        wanted = [(name, live.spec[name], e) for name, e in elements(live)]
+        wanted.insert(3, ("out_open4", live.spec["out_open4"], {"concat": ["nosuchport", "192.0.2.1", "tcp", 1]}))
+        one_by_one = [sock.get(plan.table, *w) for w in wanted]
+        assert one_by_one[3] is None and all(g is not None for i, g in enumerate(one_by_one) if i != 3)
+        old, nfnl._PER_SEND = nfnl._PER_SEND, 7
+        try:
+            assert sock.get_many(plan.table, wanted) == one_by_one
+        finally:
+            nfnl._PER_SEND = old
     finally:
         sock.close()
     # every kind of object the agent writes was exercised: maps with jump and goto,
@@ -156,7 +166,7 @@ def test_a_refused_batch_commits_nothing(ns, tmp_path):
         assert "No such file or directory" in str(err.value)
         delta = ElementDelta({"out_open4_x": "set"}, (("out_open4_x", (missing,)),), ())
         with pytest.raises(ApplyError) as aerr:
-            send_elements(sock, plan.table, live, delta)
+            send_delta(sock, plan.table, live, delta)
         # the equivalent libnftables batch is attached, to reproduce with nft -j -f
         assert aerr.value.batch["nftables"][1] == {"delete": {"element": {"family": "bridge", "table": plan.table,
                                                                           "name": "out_open4_x", "elem": [missing]}}}
@@ -188,7 +198,7 @@ def check_read_back(case: str) -> None:
     delta = ElementDelta({name: "set"}, ((name, (old,)),), ((name, (new,)),))
     sock = nfnl.NfnlSocket()
     try:
-        send_elements(sock, plan.table, live, delta)
+        send_delta(sock, plan.table, live, delta)
         live.apply(delta)
         assert read_back_touched(sock, plan.table, live, delta) == []
         # someone deletes what we added and puts back what we deleted

@@ -91,3 +91,38 @@ def test_an_edit_right_after_a_bind_runs_at_once_a_second_edit_waits(tmp_path):
     # a kernel that keeps refusing stretches the interval: then no edit jumps the queue
     a.runner.min_interval = 2.0
     assert not a._config_urgent(t + 10)
+
+
+def test_deferred_runs_once_per_burst_when_it_settles_but_not_later_than_settle():
+    from segguard.agent.schedule import Deferred
+
+    runs: list[int] = []
+    now = [0]  # milliseconds
+    d = Deferred(lambda: runs.append(now[0]), 200, settle=2000)
+
+    def step_to(until: int, request_every: int | None = None) -> None:
+        while now[0] < until:
+            now[0] += 50
+            if request_every and now[0] % request_every == 0:
+                d.request(now[0])
+            d.maybe_run(now[0])
+
+    d.request(0)
+    step_to(500)
+    assert runs == [200]  # a lone request: `delay` after it
+    # a stream of requests every 100 ms for 5 s: a run every `settle`, not every `delay`
+    step_to(5500, request_every=100)
+    assert runs == [200, 2600, 4700], runs
+    step_to(6000)
+    assert runs == [200, 2600, 4700, 5700]  # the stream is over: `delay` after its last request
+
+
+def test_deferred_without_settle_runs_delay_after_the_first_request():
+    from segguard.agent.schedule import Deferred
+
+    runs: list[int] = []
+    d = Deferred(lambda: runs.append(t), 200)
+    for t in (0, 100, 150, 200, 300, 400, 500):
+        d.request(t)
+        d.maybe_run(t)
+    assert runs == [200, 500]  # 200 after 0; 200 after 300, the first request since
