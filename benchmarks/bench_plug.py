@@ -32,8 +32,12 @@ the new one arrives:
   old port after    frames to the previous port that arrived after the new port did
                     (one transaction adds the new and deletes the old: must be 0).
 
-`python -m benchmarks.bench_plug [--guests 1 100 1000] [--plugs 100] [--shape per-guest|shared]`
-as root, from the repo root.  Targets (issue 4): p99 under 100 ms, flat in N; RSS under
+With `--running K`, the taps of K other guests are on the bridge before the agent
+starts (a running fleet: it binds them all at start), so every plug happens beside
+them; without it the fleet's other guests are configured but not running.
+
+`python -m benchmarks.bench_plug [--guests 10 100 1000 5000] [--plugs 100] [--running K]
+[--shape per-guest|shared]` as root, from the repo root.  Targets (issue 4): p99 under 100 ms, flat in N; RSS under
 80 MB.
 """
 from __future__ import annotations
@@ -216,24 +220,34 @@ def write_config(d: Path, n: int, shape: str) -> None:
             (d / "profiles" / f"{c.guest_name(i)}.yaml").write_text(c.profile_yaml(i, port=False))
 
 
-def dispatch_has(nft, tap: str) -> bool:
-    rc, out, _err = nft.json_cmd({"nftables": [{"list": {"map": {"family": "bridge", "table": "segguard",
-                                                                 "name": "out_dispatch"}}}]})
-    if rc != 0:
-        return False
-    for o in out.get("nftables", []):
-        m = o.get("map")
-        if m:
-            for e in m.get("elem", []):
-                key = e[0] if isinstance(e, list) else e
-                if key == tap:
-                    return True
-    return False
+def dispatch_has(sock, tap: str) -> bool:
+    """Whether the live out_dispatch map has the tap's element: one nfnetlink get of
+    that key. (Listing the map through libnftables fetched every set's elements first:
+    ~50 ms with 900 guests bound, and the frames of a plug were sent only between two
+    such polls, so the poll, not the agent, set the measured latency.)"""
+    return sock.get("segguard", "out_dispatch", (["ifname"], False, True), [tap, None]) is not None
+
+
+def running_taps(n: int, plugs: int, count: int) -> int:
+    """Taps of `count` other guests, present before the agent starts (a running fleet:
+    the agent binds them at start, and every later bind happens beside them). Guests
+    from `plugs` up (the plugged ones are 0..plugs-1), never the edited last one; both
+    ends of each veth stay in the hypervisor namespace. Returns how many were made."""
+    first, last = min(plugs, n), n - 2
+    made = max(0, min(count, last - first + 1))
+    cmds = []
+    for gi in range(first, first + made):
+        cmds += [f"link add sgyr{gi} address {c.tap_mac(gi)} type veth peer name sgyq{gi}",
+                 f"link set sgyr{gi} master {c.BRIDGE}", f"link set sgyr{gi} up", f"link set sgyq{gi} up"]
+    if cmds:
+        subprocess.run(["ip", "-n", HV, "-batch", "-"], input="\n".join(cmds) + "\n", text=True, check=True)
+    return made
 
 
 def run_case(n: int, plugs: int, shape: str, idle_seconds: float, budget: float, ready_timeout: float = 600.0,
-             edits: int = 0) -> dict:
+             edits: int = 0, running: int = 0) -> dict:
     build()
+    made = running_taps(n, plugs, running)
     sinks: dict[str, Sink] = {}
     agent = None
     try:
@@ -242,7 +256,8 @@ def run_case(n: int, plugs: int, shape: str, idle_seconds: float, budget: float,
             write_config(d / "cfg", n, shape)
             agent = AgentProc(d / "cfg", d / "state", d / "agent.log")
             try:
-                return _measure(agent, d, n, plugs, shape, idle_seconds, budget, ready_timeout, sinks, edits)
+                return {**_measure(agent, d, n, plugs, shape, idle_seconds, budget, ready_timeout, sinks, edits),
+                        "running_taps": made}
             finally:
                 # before the directory goes: the agent (and its forked plan writer) write there
                 agent.stop()
@@ -320,8 +335,6 @@ def _edits(agent: "AgentProc", d: Path, n: int, count: int, sinks: dict) -> dict
 
 def _measure(agent: "AgentProc", d: Path, n: int, plugs: int, shape: str, idle_seconds: float, budget: float,
              ready_timeout: float, sinks: dict, edits_wanted: int = 0) -> dict:
-    import nftables
-
     from segguard.lab import netns as nl
     from segguard.verify.probes import Probe, build_frame, new_marker
 
@@ -339,10 +352,10 @@ def _measure(agent: "AgentProc", d: Path, n: int, plugs: int, shape: str, idle_s
     unplug: list[float] = []
     blocked_arrived = 0
     timeouts = 0
-    nft_hv = None
+    from segguard.apply.nfnl import NfnlSocket
+
     with nl.enter_netns(HV):
-        nft_hv = nftables.Nftables()
-        nft_hv.set_json_output(True)
+        nft_hv = NfnlSocket()  # bound to the hypervisor namespace at creation
     with nl.ipr(HV) as ip, nl.ipr(_ns("g")) as gip:
         br = nl.link_index(ip, c.BRIDGE)
         started = time.perf_counter()
@@ -426,11 +439,13 @@ def _measure(agent: "AgentProc", d: Path, n: int, plugs: int, shape: str, idle_s
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--guests", nargs="+", type=int, default=[1, 100, 1000])
+    ap.add_argument("--guests", nargs="+", type=int, default=[10, 100, 1000, 5000])  # issue 5's N
     ap.add_argument("--plugs", type=int, default=100)
     ap.add_argument("--shape", choices=["per-guest", "shared"], default="per-guest",
                     help="per-guest: every guest its own profile (the table's worst case); shared: one profile")
     ap.add_argument("--edits", type=int, default=20, help="profile edits per case (per-guest shape; 0: none)")
+    ap.add_argument("--running", type=int, default=0,
+                    help="taps of that many other guests already on the bridge (a running fleet; at most N - plugs - 1)")
     ap.add_argument("--idle-seconds", type=float, default=15.0)
     ap.add_argument("--budget", type=float, default=600.0,
                     help="seconds of plugging per case; fewer plugs are reported when a slow agent spends it")
@@ -442,13 +457,16 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("needs iproute2")
     cases = []
     for n in args.guests:
-        print(f"plug: {n} guests ({args.shape}), {args.plugs} plugs ...", flush=True)
-        cases.append(run_case(n, args.plugs, args.shape, args.idle_seconds, args.budget, args.ready_timeout, args.edits))
+        print(f"plug: {n} guests ({args.shape}), {args.plugs} plugs, {args.running} running ...", flush=True)
+        cases.append(run_case(n, args.plugs, args.shape, args.idle_seconds, args.budget, args.ready_timeout, args.edits,
+                              args.running))
         # after every case, so an interrupted run keeps what it measured
         c.write_result("plug", {"args": vars(args), "cases": cases, "complete": False,
                                 "targets": {"p99_s": 0.1, "rss_bytes": 80 << 20}})
     rows = []
     for r in cases:
+        if r.get("running_taps"):
+            r = {**r, "guests": f"{r['guests']} ({r['running_taps']} running)"}
         rows.append(c.stat_row(f"{r['guests']} guests: enforced (frame)", r["enforced_frame"]))
         rows.append(c.stat_row(f"{r['guests']} guests: enforced (table)", r["enforced_table"]))
         rows.append(c.stat_row(f"{r['guests']} guests: unplug (table)", r["unplug_table"]))

@@ -15,7 +15,7 @@ QUICK = {
     "forwarding": ["--rounds", "2", "--seconds", "3", "--rr", "1000"],
     "verify": ["--runs", "1"],
     "nwfilter": ["--n", "5", "--runs", "1"],
-    "plug": ["--guests", "1", "100", "--plugs", "20", "--idle-seconds", "5", "--budget", "60"],
+    "plug": ["--guests", "10", "100", "--plugs", "20", "--idle-seconds", "5", "--budget", "60"],
 }
 
 

@@ -270,7 +270,7 @@ class Agent:
             self.links.overflowed = False
             self.runner.request("link-overflow")
         guarded = set(self.rec.bridges)
-        guarded_idx = {i for i, (n, _) in self.links.links.items() if n in guarded}
+        guarded_idx = {i for i, l in self.links.links.items() if l.name in guarded}
         explicit = {b.port for b in self.rec.bindings if b.port}
         for ev in events:
             if isinstance(ev, AddrEvent):
@@ -323,6 +323,7 @@ class Agent:
         # probe kernel capabilities before listening, so the probe's own links are not events
         self.rec.topology.caps()
         self.links = LinkMonitor()
+        self.rec.topology.monitor = self.links  # the bind road's links: no dump per tap
         sel = self.sel = selectors.DefaultSelector()
         sel.register(self.links, selectors.EVENT_READ, "link")
         sel.register(rfd, selectors.EVENT_READ, "signal")

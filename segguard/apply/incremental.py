@@ -32,7 +32,7 @@ ELEMENT_OBJECTS = ("legacy_macs", "audit_macs", "out_dispatch", "in_dispatch", "
 # Objects whose missing element can only drop more: identity (`!= @set drop`) and
 # policy (`@set accept`) sets. The agent reads every touched element back by key over
 # nfnetlink (read_back_touched); this listing road (read_back_elements) is its fallback
-# for an element nfnl.py cannot encode, and lists only the others -- the dispatch maps
+# for an element or chain nfnl.py / nfnl_chains.py cannot encode, and lists only the others -- the dispatch maps
 # and MAC sets, one element per guest: the fleet-wide policy sets hold ~50 per guest,
 # and listing them (or libnftables' `get element`, which fetches every set's elements
 # first) cost 0.2-2.6 s at 1,000 guests; the periodic whole-table check covers them.

@@ -1,5 +1,6 @@
-"""Element transactions straight over nfnetlink, for the element-only changes of the
-agent (a profile edited, a port's dispatch elements) and their read-back.
+"""Transactions straight over nfnetlink for the agent's deltas (a profile edited, a
+tap bound or unbound): the batch, the port-keyed elements and their read-back. A
+bind's netdev port chain is encoded by nfnl_chains.py into the same batch.
 
 Why not libnftables: before evaluating a command it fills its cache, and a `delete`
 of any element makes it fetch every chain of every table first (nftables 1.0.6
@@ -11,7 +12,7 @@ or nothing, as libnftables' own), and read back with GETSETELEM of exactly the k
 it touched, not a listing of the set.
 
 Only the datatypes the table's port-keyed sets and maps use are encoded (TYPES);
-anything else raises Unencodable and the caller uses libnftables. tests/test_nfnl.py
+anything else raises Unencodable and the caller uses libnftables. tests/netns/test_nfnl.py
 checks every encoding against the bytes the kernel holds for elements libnftables
 wrote, so the two roads cannot drift apart silently.
 """

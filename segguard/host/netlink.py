@@ -1,6 +1,8 @@
 """Read HostFacts from the running kernel (the current network namespace)."""
 from __future__ import annotations
 
+from typing import Callable
+
 from segguard.errors import HostError
 from segguard.host import BridgeFact, HostFacts, PortFact
 
@@ -44,39 +46,49 @@ def _try_vlan_filtering() -> bool:
             ipr.link("del", ifname=name)
 
 
-def _vlan_facts(ipr, br, links) -> tuple[bool | None, tuple]:
-    """vlan_filtering and every port's VLAN table; nothing where the kernel has no
-    bridge VLAN filtering (it then reports no vlan_filtering attribute at all)."""
-    from segguard.host.vlans import bridge_filtering, read_port_vlans
+def bridge_facts(bridges: list[str], links: dict, addresses: Callable[[int], tuple[str, ...]], vlans: bool) -> list[BridgeFact]:
+    """The named bridges (missing ones are simply absent): ports from `links` (index ->
+    rtnl.Link), addresses from `addresses(index)`, and with `vlans` (the kernel can
+    filter) vlan_filtering and every port's VLAN table, read for the bridge alone."""
+    from segguard.host import rtnl
 
-    filtering = bridge_filtering(br)
-    if filtering is None:
-        return None, ()
-    names = {i: l.get_attr("IFLA_IFNAME") for i, l in links.items() if i == br["index"] or l.get_attr("IFLA_MASTER") == br["index"]}
-    return filtering, read_port_vlans(ipr, br["index"], names)
+    found: list[BridgeFact] = []
+    for name in sorted(set(bridges)):
+        br = next((l for l in links.values() if l.name == name), None)
+        if br is None:
+            continue
+        ports = tuple(sorted((PortFact(l.name, l.mac) for l in links.values() if l.master == br.index), key=lambda p: p.name))
+        vf: tuple = (None, ())
+        if vlans:
+            # a fresh read of the bridge itself: an event-fed table does not keep its
+            # IFLA_INFO_DATA, and vlan_filtering may have been switched since
+            fresh = rtnl.link(br.index)
+            if fresh is not None and fresh.vlan_filtering is not None:
+                names = {br.index: name, **{l.index: l.name for l in links.values() if l.master == br.index}}
+                vf = (fresh.vlan_filtering, port_vlans(br.index, names))
+        found.append(BridgeFact(name, addresses(br.index), ports, *vf))
+    return found
+
+
+def port_vlans(bridge_index: int, names: dict[int, str]) -> tuple:
+    """host.vlans.read_port_vlans over rtnl: the VLAN table of the bridge (under its own
+    name) and of every port on it; a port with an empty table is still a port."""
+    from segguard.host import rtnl
+    from segguard.host.vlans import PortVlans, port_vlans_from_infos
+
+    infos = rtnl.bridge_vlan_infos(names, bridge_index)
+    out = {idx: port_vlans_from_infos(names[idx], entries) for idx, entries in infos.items()}
+    for idx, name in names.items():
+        out.setdefault(idx, PortVlans(name))
+    return tuple(sorted(out.values(), key=lambda p: p.port))
 
 
 def read_host_facts(bridges: list[str]) -> HostFacts:
     """Facts for the named bridges (missing bridges are simply absent)."""
-    from pyroute2 import IPRoute
+    from segguard.host import rtnl
 
-    found: list[BridgeFact] = []
     try:
-        with IPRoute() as ipr:
-            links = {l["index"]: l for l in ipr.get_links()}
-            for name in sorted(set(bridges)):
-                br = next((l for l in links.values() if l.get_attr("IFLA_IFNAME") == name), None)
-                if br is None:
-                    continue
-                ports = tuple(sorted(
-                    (PortFact(l.get_attr("IFLA_IFNAME"), (l.get_attr("IFLA_ADDRESS") or "").lower())
-                     for l in links.values() if l.get_attr("IFLA_MASTER") == br["index"]),
-                    key=lambda p: p.name,
-                ))
-                addrs = tuple(sorted(
-                    a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=br["index"])
-                ))
-                found.append(BridgeFact(name, addrs, ports, *_vlan_facts(ipr, br, links)))
+        found = bridge_facts(bridges, rtnl.links(), rtnl.addresses, vlans=True)
     except OSError as exc:
         raise HostError(f"cannot read links over netlink: {exc}") from exc
     from segguard.host.libvirt import libvirt_ports

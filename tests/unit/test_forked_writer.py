@@ -4,6 +4,7 @@ parent as an exit status."""
 from __future__ import annotations
 
 import os
+import select
 import time
 
 from segguard.agent.forked import ForkedWriter
@@ -16,8 +17,8 @@ def test_the_child_writes_the_state_of_the_fork_not_later_changes(tmp_path):
     writer = ForkedWriter()
 
     def write():
-        os.read(r, 1)  # wait until the parent has changed its copy
-        out.write_text(str(state["guests"]))
+        select.select([r], [], [], 10)  # until the parent has changed its copy
+        out.write_text(f"{os.getpid()} {state['guests']}")
 
     assert writer.start(write)
     state["guests"] = 2
@@ -25,7 +26,8 @@ def test_the_child_writes_the_state_of_the_fork_not_later_changes(tmp_path):
     assert not writer.start(lambda: out.write_text("other"))
     os.write(w, b"x")
     assert writer.wait() == 0
-    assert out.read_text() == "1"
+    pid, guests = out.read_text().split()
+    assert int(pid) != os.getpid() and guests == "1"  # a child, writing the image of the fork
     assert writer.wait() is None and writer.reap() is None
 
 

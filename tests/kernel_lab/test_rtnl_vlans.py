@@ -1,0 +1,70 @@
+"""The rtnetlink reader's VLAN tables (segguard/host/netlink.py port_vlans over
+host/rtnl.py) on a VLAN-aware bridge, which the host kernel cannot build: the same
+tables pyroute2's reader (host/vlans.py read_port_vlans) reports, for a trunk of
+every VLAN (compressed ranges), an access port, a tagged port, a port with an empty
+table and the bridge itself; and the facts the agent builds from them."""
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from segguard.lab import netns as nl
+from tests.netns.conftest import unique_prefix
+
+pytestmark = pytest.mark.kernel_lab
+
+PORTS = {  # port -> `bridge vlan` commands after the bridge's default (pvid 1 untagged)
+    "trunk0": ["del vid 1", "add vid 2-4094"],
+    "acc30": ["del vid 1", "add vid 30 pvid untagged"],
+    "tag3040": ["add vid 30", "add vid 40", "add vid 100-110"],
+    "none0": ["del vid 1"],
+    "plain0": [],
+}
+
+
+def sh(*args: str) -> None:
+    subprocess.run(list(args), check=True, capture_output=True)
+
+
+@pytest.fixture
+def ns() -> Iterator[str]:
+    name = unique_prefix("sgr") + "vlan"
+    nl.create_netns(name)
+    try:
+        with nl.enter_netns(name):
+            sh("ip", "link", "add", "br0", "type", "bridge", "vlan_filtering", "1")
+            sh("bridge", "vlan", "add", "dev", "br0", "vid", "250", "self")
+            for i, (port, cmds) in enumerate(PORTS.items()):
+                sh("ip", "link", "add", port, "type", "veth", "peer", "name", f"peer{i}")
+                sh("ip", "link", "set", port, "master", "br0")
+                for c in cmds:
+                    sh("bridge", "vlan", *c.split()[:1], "dev", port, *c.split()[1:])
+            yield name
+    finally:
+        nl.delete_netns(name)
+
+
+def test_vlan_tables_are_pyroute2s(ns):
+    from pyroute2 import IPRoute
+
+    from segguard.host import rtnl
+    from segguard.host.netlink import bridge_facts, port_vlans
+    from segguard.host.vlans import read_port_vlans
+
+    links = rtnl.links()
+    br = next(l for l in links.values() if l.name == "br0")
+    assert br.vlan_filtering is True
+    names = {br.index: "br0", **{l.index: l.name for l in links.values() if l.master == br.index}}
+    with IPRoute() as ipr:
+        theirs = read_port_vlans(ipr, br.index, names)
+    ours = port_vlans(br.index, names)
+    assert ours == theirs
+    by_port = {p.port: p for p in ours}
+    assert by_port["acc30"].pvid == 30 and by_port["acc30"].untagged == (30,)
+    assert len(by_port["trunk0"].vids) == 4093 and by_port["none0"].vids == ()
+    assert 250 in by_port["br0"].vids and set(range(100, 111)) <= set(by_port["tag3040"].vids)
+    fact, = bridge_facts(["br0"], links, rtnl.addresses, vlans=True)
+    assert fact.ports and {p.name for p in fact.ports} == set(PORTS)
+    assert fact.vlan_filtering is True and fact.vlans == ours
