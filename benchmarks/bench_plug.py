@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
         cases.append(run_case(n, args.plugs, args.shape, args.idle_seconds, args.budget, args.ready_timeout, args.edits,
                               args.running))
         # after every case, so an interrupted run keeps what it measured
-        c.write_result("plug", {"args": vars(args), "cases": cases, "complete": False,
+        c.write_result("plug-running" if args.running else "plug", {"args": vars(args), "cases": cases, "complete": False,
                                 "targets": {"p99_s": 0.1, "rss_bytes": 80 << 20}})
     rows = []
     for r in cases:
@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
           f"flat in guests (p99 {' / '.join(c.fmt_s(p) for p in p99s)}), "
           f"RSS < 80 MB ({'met' if all((r['rss_peak_bytes'] or 0) < 80 << 20 for r in cases) else 'NOT met'})",
           flush=True)
-    c.write_result("plug", {"args": vars(args), "cases": cases, "complete": True,
+    c.write_result("plug-running" if args.running else "plug", {"args": vars(args), "cases": cases, "complete": True,
                             "targets": {"p99_s": 0.1, "rss_bytes": 80 << 20}})
 
 
