@@ -32,24 +32,20 @@ class ForkedWriter:
 
     def reap(self) -> int | None:
         """The exit status of a child that has finished since the last call, or None."""
-        if self.pid is None:
-            return None
-        try:
-            done, status = os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:
-            done, status = self.pid, 0
-        if not done:
-            return None
-        self.pid = None
-        return status
+        return self._collect(os.WNOHANG)
 
     def wait(self) -> int | None:
         """Wait for a running child; its exit status, or None when none ran."""
+        return self._collect(0)
+
+    def _collect(self, flags: int) -> int | None:
         if self.pid is None:
             return None
         try:
-            _, status = os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            status = 0
+            done, status = os.waitpid(self.pid, flags)
+        except ChildProcessError:  # reaped elsewhere: nothing to report
+            done, status = self.pid, 0
+        if not done:
+            return None
         self.pid = None
         return status

@@ -398,16 +398,7 @@ class NfnlSocket:
         except OSError as exc:
             raise NetlinkError(exc.errno or errno.EIO, f"{what}: {exc}") from exc
         while len(done) < len(seqs):
-            try:
-                # the answers are immediate; never wait forever on one
-                if not select.select([self.sock], [], [], 5.0)[0]:
-                    raise NetlinkError(errno.ETIMEDOUT, f"{what}: {len(seqs) - len(done)} of {len(seqs)} unanswered")
-                data = self.sock.recv(1 << 20)
-            except NetlinkError:
-                raise
-            except OSError as exc:
-                raise NetlinkError(exc.errno or errno.EIO, f"{what}: {exc}") from exc
-            for mtype, s, body in _replies(data):
+            for mtype, s, body in _replies(self._answer(what, f"{len(seqs) - len(done)} of {len(seqs)} unanswered")):
                 if s not in index or s in done:
                     continue
                 if mtype == NLMSG_ERROR:
@@ -420,6 +411,17 @@ class NfnlSocket:
                 else:
                     found[s] = body
         return [found.get(s) for s in seqs]
+
+    def _answer(self, what: str, unanswered: str) -> bytes:
+        """The next datagram of answers. They are immediate: never wait forever on one."""
+        try:
+            ready = select.select([self.sock], [], [], 5.0)[0]
+            data = self.sock.recv(1 << 20) if ready else None
+        except OSError as exc:
+            raise NetlinkError(exc.errno or errno.EIO, f"{what}: {exc}") from exc
+        if data is None:
+            raise NetlinkError(errno.ETIMEDOUT, f"{what}: {unanswered}")
+        return data
 
     def request(self, mtype: int, family: int, payload: bytes, what: str, dump: bool = False) -> list[bytes] | None:
         """One get (or, with `dump`, a dump filtered by `payload`): the answers' bodies,
@@ -435,16 +437,7 @@ class NfnlSocket:
         except OSError as exc:
             raise NetlinkError(exc.errno or errno.EIO, f"{what}: {exc}") from exc
         while True:
-            try:
-                # the answer is immediate; never wait forever on one
-                if not select.select([self.sock], [], [], 5.0)[0]:
-                    raise NetlinkError(errno.ETIMEDOUT, f"{what}: no answer")
-                data = self.sock.recv(1 << 20)
-            except NetlinkError:
-                raise
-            except OSError as exc:
-                raise NetlinkError(exc.errno or errno.EIO, f"{what}: {exc}") from exc
-            for mtype_, s, body in _replies(data):
+            for mtype_, s, body in _replies(self._answer(what, "no answer")):
                 if s != seq:
                     continue
                 if mtype_ == NLMSG_DONE:

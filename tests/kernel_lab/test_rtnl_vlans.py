@@ -10,8 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from segguard.lab import netns as nl
-from tests.netns.conftest import unique_prefix
+from tests.netns.conftest import scratch_netns
 
 pytestmark = pytest.mark.kernel_lab
 
@@ -30,20 +29,15 @@ def sh(*args: str) -> None:
 
 @pytest.fixture
 def ns() -> Iterator[str]:
-    name = unique_prefix("sgr") + "vlan"
-    nl.create_netns(name)
-    try:
-        with nl.enter_netns(name):
-            sh("ip", "link", "add", "br0", "type", "bridge", "vlan_filtering", "1")
-            sh("bridge", "vlan", "add", "dev", "br0", "vid", "250", "self")
-            for i, (port, cmds) in enumerate(PORTS.items()):
-                sh("ip", "link", "add", port, "type", "veth", "peer", "name", f"peer{i}")
-                sh("ip", "link", "set", port, "master", "br0")
-                for c in cmds:
-                    sh("bridge", "vlan", *c.split()[:1], "dev", port, *c.split()[1:])
-            yield name
-    finally:
-        nl.delete_netns(name)
+    with scratch_netns("vlan", stem="sgr") as name:
+        sh("ip", "link", "add", "br0", "type", "bridge", "vlan_filtering", "1")
+        sh("bridge", "vlan", "add", "dev", "br0", "vid", "250", "self")
+        for i, (port, cmds) in enumerate(PORTS.items()):
+            sh("ip", "link", "add", port, "type", "veth", "peer", "name", f"peer{i}")
+            sh("ip", "link", "set", port, "master", "br0")
+            for c in cmds:
+                sh("bridge", "vlan", *c.split()[:1], "dev", port, *c.split()[1:])
+        yield name
 
 
 def test_vlan_tables_are_pyroute2s(ns):

@@ -7,6 +7,7 @@ prefix even when the test (or the build itself) failed.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Iterator
 
@@ -19,6 +20,20 @@ from segguard.verify.probes import ProbeSession
 
 def unique_prefix(stem: str = "sgt") -> str:
     return f"{stem}{secrets.token_hex(2)}-"
+
+
+@contextlib.contextmanager
+def scratch_netns(suffix: str, stem: str = "sgt") -> Iterator[str]:
+    """A namespace of a unique name, entered for the body, deleted even on failure."""
+    from segguard.lab import netns as nl
+
+    name = unique_prefix(stem) + suffix
+    nl.create_netns(name)
+    try:
+        with nl.enter_netns(name):
+            yield name
+    finally:
+        nl.delete_netns(name)
 
 
 @pytest.fixture

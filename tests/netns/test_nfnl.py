@@ -16,9 +16,8 @@ from segguard.apply import nfnl
 from segguard.apply.incremental import ELEMENT_OBJECTS, ElementDelta, LiveElements, read_back_touched, send_delta
 from segguard.apply.nftables import Nft, NftablesApplier, replace_batch
 from segguard.errors import ApplyError
-from segguard.lab import netns as nl
 from segguard.plan import Plan
-from tests.netns.conftest import unique_prefix
+from tests.netns.conftest import scratch_netns
 
 pytestmark = pytest.mark.netns
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
@@ -75,13 +74,8 @@ def bridge_plan(case: str, tmp: Path | None = None) -> Plan:
 
 @pytest.fixture
 def ns() -> Iterator[str]:
-    name = unique_prefix() + "nfnl"
-    nl.create_netns(name)
-    try:
-        with nl.enter_netns(name):
-            yield name
-    finally:
-        nl.delete_netns(name)
+    with scratch_netns("nfnl") as name:
+        yield name
 
 
 def applied(case: str, tmp: Path | None = None) -> tuple[Plan, NftablesApplier, LiveElements]:

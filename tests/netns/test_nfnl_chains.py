@@ -16,9 +16,8 @@ from segguard.apply import nfnl, nfnl_chains
 from segguard.apply.incremental import ElementDelta, LiveElements, read_back_touched, send_delta
 from segguard.apply.nftables import Nft, canonical_key, replace_batch
 from segguard.errors import ApplyError
-from segguard.lab import netns as nl
 from segguard.plan import Plan
-from tests.netns.conftest import unique_prefix
+from tests.netns.conftest import scratch_netns
 
 pytestmark = pytest.mark.netns
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
@@ -28,15 +27,10 @@ PORTS = ("vnet7", "vnet8")            # the golden configs' guest ports
 
 @pytest.fixture
 def ns() -> Iterator[str]:
-    name = unique_prefix() + "nfch"
-    nl.create_netns(name)
-    try:
-        with nl.enter_netns(name):
-            for i, port in enumerate(PORTS):
-                subprocess.run(["ip", "link", "add", port, "type", "veth", "peer", "name", f"peer{i}"], check=True)
-            yield name
-    finally:
-        nl.delete_netns(name)
+    with scratch_netns("nfch") as name:
+        for i, port in enumerate(PORTS):
+            subprocess.run(["ip", "link", "add", port, "type", "veth", "peer", "name", f"peer{i}"], check=True)
+        yield name
 
 
 def golden(case: str) -> tuple[Plan, list[dict], dict[str, list[dict]]]:

@@ -11,8 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from segguard.host import HostFacts, rtnl
-from segguard.lab import netns as nl
-from tests.netns.conftest import unique_prefix
+from tests.netns.conftest import scratch_netns
 
 pytestmark = pytest.mark.netns
 
@@ -23,21 +22,16 @@ def ip(*args: str) -> None:
 
 @pytest.fixture
 def ns() -> Iterator[str]:
-    name = unique_prefix() + "rtnl"
-    nl.create_netns(name)
-    try:
-        with nl.enter_netns(name):
-            for br in ("br0", "br1"):
-                ip("link", "add", br, "type", "bridge")
-                ip("link", "set", br, "up")
-            ip("addr", "add", "10.9.0.1/24", "dev", "br0")
-            ip("addr", "add", "fd00:9::1/64", "dev", "br0")
-            for i in range(6):
-                ip("link", "add", f"vnet{i}", "type", "veth", "peer", "name", f"vpeer{i}")
-                ip("link", "set", f"vnet{i}", "master", "br0" if i < 4 else "br1")
-            yield name
-    finally:
-        nl.delete_netns(name)
+    with scratch_netns("rtnl") as name:
+        for br in ("br0", "br1"):
+            ip("link", "add", br, "type", "bridge")
+            ip("link", "set", br, "up")
+        ip("addr", "add", "10.9.0.1/24", "dev", "br0")
+        ip("addr", "add", "fd00:9::1/64", "dev", "br0")
+        for i in range(6):
+            ip("link", "add", f"vnet{i}", "type", "veth", "peer", "name", f"vpeer{i}")
+            ip("link", "set", f"vnet{i}", "master", "br0" if i < 4 else "br1")
+        yield name
 
 
 def pyroute2_view() -> tuple[dict, dict]:
