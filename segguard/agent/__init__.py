@@ -63,6 +63,7 @@ class Agent:
         self.sel: selectors.BaseSelector | None = None
         self._checker: tuple[int, int, int, float] | None = None  # pid, read fd, generation, started
         self.plan_writer = ForkedWriter()  # the applied plan's file
+        self.links = None  # events.LinkMonitor, once running
         # after the runner: a reconcile requested meanwhile runs before the next guest's verify
         self.verify_tick = self.sched.add(VerifyRounds(self._verify_guest, self._verify_targets, verify_every))
         # the applied plan's file (hook, status) trails a tap bind by a second instead of
@@ -148,7 +149,19 @@ class Agent:
         loop must not spend while taps wait. The child only reads and answers '=' (the
         kernel holds the plan) or '!'; a '!' is confirmed and repaired by a reconcile
         in the loop, under the writer lock. A check that overlapped one of our own
-        writes proves nothing and is simply run again."""
+        writes proves nothing and is simply run again.
+
+        The link table the binds read (LinkMonitor, fed by events) is read afresh here
+        too: whatever it may have missed without the kernel saying so is found within
+        a period, and a difference is reconciled."""
+        if self.links is not None:
+            def seen(links):
+                return {(l.name, l.master, l.mac) for l in links.values()}
+            before = seen(self.links.links)
+            self.links.snapshot()
+            if seen(self.links.links) != before:
+                self.log.warning("link-table-resync", why="the event-fed link table differed from the kernel's")
+                self.runner.request("link-resync")
         if self.rec.topology.caps().vlan_filtering or self.sel is None:
             self.runner.request("drift-check")
             return

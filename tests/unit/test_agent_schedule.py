@@ -126,3 +126,28 @@ def test_deferred_without_settle_runs_delay_after_the_first_request():
         d.request(t)
         d.maybe_run(t)
     assert runs == [200, 500]  # 200 after 0; 200 after 300, the first request since
+
+
+def test_the_drift_tick_reads_the_link_table_afresh_and_reconciles_a_difference(tmp_path):
+    from segguard.agent import Agent
+    from segguard.host import HostFacts
+    from segguard.host.rtnl import Link
+
+    class Table:  # the LinkMonitor's table, and what a fresh dump of the kernel says
+        def __init__(self, kernel):
+            self.kernel, self.links = kernel, {}
+
+        def snapshot(self):
+            self.links = dict(self.kernel)
+
+    kernel = {1: Link(1, "br0", None, "02:00:00:00:00:01"), 2: Link(2, "vnet0", 1, "fe:54:00:00:00:01")}
+    a = Agent(tmp_path, drift_every=None)
+    a.rec.topology._caps = HostFacts(vlan_filtering=True)  # the check itself is then a reconcile request
+    a.links = Table(kernel)
+    a.links.snapshot()
+    a._drift_tick()
+    assert a.runner.pending == {"drift-check"}  # the table held what the kernel has
+    a.runner.pending.clear()
+    kernel[3] = Link(3, "vnet1", 1, "fe:54:00:00:00:02")  # a tap whose events were missed
+    a._drift_tick()
+    assert a.runner.pending == {"drift-check", "link-resync"} and 3 in a.links.links
