@@ -151,18 +151,13 @@ class Agent:
         in the loop, under the writer lock. A check that overlapped one of our own
         writes proves nothing and is simply run again.
 
-        The link table the binds read (LinkMonitor, fed by events) is read afresh here
-        too: whatever it may have missed without the kernel saying so is found within
-        a period, and a difference is reconciled."""
-        if self.links is not None:
-            def seen(links):
-                return {(l.name, l.master, l.mac) for l in links.values()}
-            before = seen(self.links.links)
-            self.links.snapshot()
-            if seen(self.links.links) != before:
-                self.log.warning("link-table-resync", why="the event-fed link table differed from the kernel's")
-                self.runner.request("link-resync")
+        The link table the binds read (LinkMonitor, fed by events) is compared with a
+        fresh dump here too, by the child where there is one (a dump of 10,000 links is
+        not free): whatever it missed without the kernel saying so is found within a
+        period, and then read again and reconciled."""
         if self.rec.topology.caps().vlan_filtering or self.sel is None:
+            if self.links is not None and not self._links_current():
+                self._resync_links()
             self.runner.request("drift-check")
             return
         if self._checker is not None or self.rec.applied is None:
@@ -173,7 +168,10 @@ class Agent:
             answer = b"?"
             try:
                 os.close(r)
-                answer = b"=" if self.rec.kernel_matches() else b"!"
+                if self.links is not None and not self._links_current():
+                    answer = b"L"
+                else:
+                    answer = b"=" if self.rec.kernel_matches() else b"!"
             except BaseException:  # noqa: BLE001
                 pass
             try:
@@ -183,6 +181,18 @@ class Agent:
         os.close(w)
         self._checker = (pid, r, self.rec.generation, time.monotonic())
         self.sel.register(r, selectors.EVENT_READ, "drift-child")
+
+    def _links_current(self) -> bool:
+        from segguard.host import rtnl
+
+        def seen(links):
+            return {(l.name, l.master, l.mac) for l in links.values()}
+        return seen(rtnl.links()) == seen(self.links.links)
+
+    def _resync_links(self) -> None:
+        self.log.warning("link-table-resync", why="the event-fed link table differed from the kernel's")
+        self.links.snapshot()
+        self.runner.request("link-resync")
 
     def _drift_answer(self) -> None:
         pid, r, gen, t0 = self._checker
@@ -199,6 +209,9 @@ class Agent:
         if self.drift_every and self.drift_tick.next_at is not None:
             self.drift_tick.next_at = max(self.drift_tick.next_at, time.monotonic() + 4 * took)
         if answer == b"=":
+            return
+        if answer == b"L":
+            self._resync_links()
             return
         if gen != self.rec.generation:
             self._drift_tick()  # we wrote meanwhile: look again

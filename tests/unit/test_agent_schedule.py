@@ -128,22 +128,23 @@ def test_deferred_without_settle_runs_delay_after_the_first_request():
     assert runs == [200, 500]  # 200 after 0; 200 after 300, the first request since
 
 
-def test_the_drift_tick_reads_the_link_table_afresh_and_reconciles_a_difference(tmp_path):
+def test_the_drift_tick_reads_the_link_table_afresh_and_reconciles_a_difference(tmp_path, monkeypatch):
     from segguard.agent import Agent
-    from segguard.host import HostFacts
+    from segguard.host import HostFacts, rtnl
     from segguard.host.rtnl import Link
 
-    class Table:  # the LinkMonitor's table, and what a fresh dump of the kernel says
-        def __init__(self, kernel):
-            self.kernel, self.links = kernel, {}
+    kernel = {1: Link(1, "br0", None, "02:00:00:00:00:01"), 2: Link(2, "vnet0", 1, "fe:54:00:00:00:01")}
+    monkeypatch.setattr(rtnl, "links", lambda: dict(kernel))  # what a fresh dump says
+
+    class Table:  # the LinkMonitor's event-fed table
+        links: dict = {}
 
         def snapshot(self):
-            self.links = dict(self.kernel)
+            self.links = rtnl.links()
 
-    kernel = {1: Link(1, "br0", None, "02:00:00:00:00:01"), 2: Link(2, "vnet0", 1, "fe:54:00:00:00:01")}
     a = Agent(tmp_path, drift_every=None)
-    a.rec.topology._caps = HostFacts(vlan_filtering=True)  # the check itself is then a reconcile request
-    a.links = Table(kernel)
+    a.rec.topology._caps = HostFacts(vlan_filtering=True)  # the check runs in the loop: a reconcile request
+    a.links = Table()
     a.links.snapshot()
     a._drift_tick()
     assert a.runner.pending == {"drift-check"}  # the table held what the kernel has
@@ -151,3 +152,32 @@ def test_the_drift_tick_reads_the_link_table_afresh_and_reconciles_a_difference(
     kernel[3] = Link(3, "vnet1", 1, "fe:54:00:00:00:02")  # a tap whose events were missed
     a._drift_tick()
     assert a.runner.pending == {"drift-check", "link-resync"} and 3 in a.links.links
+
+
+def test_the_drift_childs_link_answer_resyncs_the_table(tmp_path):
+    """The forked checker (hosts without a VLAN layer) answers 'L' when the event-fed
+    link table differs from a fresh dump: the loop reads the table again and reconciles."""
+    import selectors
+
+    from segguard.agent import Agent
+
+    class Table:
+        snapshots = 0
+        links: dict = {}
+
+        def snapshot(self):
+            self.snapshots += 1
+
+    a = Agent(tmp_path, drift_every=None)
+    a.links = Table()
+    a.sel = selectors.DefaultSelector()
+    r, w = os.pipe()
+    a.sel.register(r, selectors.EVENT_READ, "drift-child")
+    pid = os.fork()
+    if pid == 0:  # the checker: it already answered
+        os._exit(0)
+    os.write(w, b"L")
+    os.close(w)
+    a._checker = (pid, r, a.rec.generation, 0.0)
+    a._drift_answer()
+    assert a.links.snapshots == 1 and a.runner.pending == {"link-resync"} and a._checker is None
