@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 from segguard.compile.vlan import LEGACY, BridgeVlanPlan
 from segguard.errors import ApplyError, HostError, VlanChangeRefused, VlanLayerMissing
-from segguard.host.vlans import PortVlans, bridge_filtering, read_port_vlans
+from segguard.host.vlans import PortVlans, bridge_filtering
 
 BR_BOOLOPT_NO_LL_LEARN = 1 << 0
 # Port hardening on legacy ports: (name, pyroute2 brport keyword, value, IFLA attribute).
@@ -94,11 +94,16 @@ class _Bridge:
         return self.ipr.get_links(self.index)[0]
 
     def names(self) -> dict[int, str]:
-        return {l["index"]: l.get_attr("IFLA_IFNAME") for l in self.ipr.get_links()
-                if l["index"] == self.index or l.get_attr("IFLA_MASTER") == self.index}
+        # over rtnl (host/rtnl.py says why): pyroute2 dumped every link at ~1.1 ms each,
+        # and the VLAN layer reads this around each of a bind's port changes
+        from segguard.host import rtnl
+
+        return {i: l.name for i, l in rtnl.links().items() if i == self.index or l.master == self.index}
 
     def tables(self) -> dict[str, PortVlans]:
-        return {p.port: p for p in read_port_vlans(self.ipr, self.index, self.names())}
+        from segguard.host.netlink import port_vlans
+
+        return {p.port: p for p in port_vlans(self.index, self.names())}
 
     def filtering(self) -> bool | None:
         return bridge_filtering(self.link())

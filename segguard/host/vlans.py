@@ -7,11 +7,9 @@ name, like `bridge vlan show` does.
 """
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-RTEXT_FILTER_BRVLAN_COMPRESSED = 4  # (1 << 2); 8 is SKIP_STATS
 VLAN_INFO_PVID = 0x2
 VLAN_INFO_UNTAGGED = 0x4
 VLAN_INFO_RANGE_BEGIN = 0x8
@@ -103,22 +101,3 @@ def bridge_filtering(link: Any) -> bool | None:
         return None
     value = data.get_attr("IFLA_BR_VLAN_FILTERING")
     return None if value is None else bool(value)
-
-
-def read_port_vlans(ipr: Any, bridge_index: int, names: dict[int, str]) -> tuple[PortVlans, ...]:
-    """The VLAN table of the bridge (under its own name) and of every port on it.
-    `names`: ifindex -> name of the bridge and its ports."""
-    out: dict[int, PortVlans] = {}
-    for msg in ipr.link("dump", family=socket.AF_BRIDGE, ext_mask=RTEXT_FILTER_BRVLAN_COMPRESSED):
-        idx = msg["index"]
-        if idx not in names:
-            continue
-        if idx != bridge_index and msg.get_attr("IFLA_MASTER") not in (bridge_index, None):
-            continue
-        spec = msg.get_attr("IFLA_AF_SPEC")
-        infos = [(i["flags"], i["vid"]) for i in (spec.get_attrs("IFLA_BRIDGE_VLAN_INFO") if spec else [])]
-        out[idx] = port_vlans_from_infos(names[idx], infos)
-    # a port with an empty table is absent from the dump; it still is a port
-    for idx, name in names.items():
-        out.setdefault(idx, PortVlans(name))
-    return tuple(sorted(out.values(), key=lambda p: p.port))

@@ -1,6 +1,6 @@
 """The rtnetlink reader's VLAN tables (segguard/host/netlink.py port_vlans over
 host/rtnl.py) on a VLAN-aware bridge, which the host kernel cannot build: the same
-tables pyroute2's reader (host/vlans.py read_port_vlans) reports, for a trunk of
+tables pyroute2 reports (the reader segguard had before, kept here as the oracle), for a trunk of
 every VLAN (compressed ranges), an access port, a tagged port, a port with an empty
 table and the bridge itself; and the facts the agent builds from them."""
 from __future__ import annotations
@@ -40,19 +40,37 @@ def ns() -> Iterator[str]:
         yield name
 
 
+def pyroute2_port_vlans(ipr, bridge_index: int, names: dict[int, str]) -> tuple:
+    """The VLAN tables as pyroute2 parses an AF_BRIDGE dump (compressed ranges)."""
+    import socket
+
+    from segguard.host import rtnl
+    from segguard.host.vlans import PortVlans, port_vlans_from_infos
+
+    out = {}
+    for msg in ipr.link("dump", family=socket.AF_BRIDGE, ext_mask=rtnl.RTEXT_FILTER_BRVLAN_COMPRESSED):
+        idx = msg["index"]
+        if idx not in names or (idx != bridge_index and msg.get_attr("IFLA_MASTER") not in (bridge_index, None)):
+            continue
+        spec = msg.get_attr("IFLA_AF_SPEC")
+        out[idx] = port_vlans_from_infos(names[idx], [(i["flags"], i["vid"]) for i in (spec.get_attrs("IFLA_BRIDGE_VLAN_INFO") if spec else [])])
+    for idx, name in names.items():
+        out.setdefault(idx, PortVlans(name))
+    return tuple(sorted(out.values(), key=lambda p: p.port))
+
+
 def test_vlan_tables_are_pyroute2s(ns):
     from pyroute2 import IPRoute
 
     from segguard.host import rtnl
     from segguard.host.netlink import bridge_facts, port_vlans
-    from segguard.host.vlans import read_port_vlans
 
     links = rtnl.links()
     br = next(l for l in links.values() if l.name == "br0")
     assert br.vlan_filtering is True
     names = {br.index: "br0", **{l.index: l.name for l in links.values() if l.master == br.index}}
     with IPRoute() as ipr:
-        theirs = read_port_vlans(ipr, br.index, names)
+        theirs = pyroute2_port_vlans(ipr, br.index, names)
     ours = port_vlans(br.index, names)
     assert ours == theirs
     by_port = {p.port: p for p in ours}
