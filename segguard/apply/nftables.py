@@ -205,8 +205,14 @@ def uses_conntrack(objects: list[dict[str, Any]]) -> bool:
 
 
 class NftablesApplier:
-    def __init__(self, nft: Nft | None = None):
+    def __init__(self, nft: Nft | None = None, nfnetlink: bool = True):
         self.nft = nft or Nft()
+        # the full replace goes over nfnetlink (apply/nfnl_table.py) unless told not to
+        # or the plan holds what that road does not encode
+        self.nfnetlink = nfnetlink
+        self._sock = None
+        self.road = ""  # how the last apply went: "nfnetlink" | "libnftables" | ""
+        self.unencodable = ""  # why the last apply could not take the nfnetlink road
 
     def realized(self, table: str) -> list[dict[str, Any]] | None:
         """Everything of ours in the kernel; None when the policy table is absent."""
@@ -220,6 +226,53 @@ class NftablesApplier:
 
     def apply(self, plan: Plan) -> bool:
         """Make the kernel hold `plan`. Returns False if it already did (nothing sent)."""
+        if self.nfnetlink:
+            from segguard.apply.nfnl import Unencodable
+
+            try:
+                return self._apply_nfnl(plan)
+            except Unencodable as why:
+                self.unencodable = str(why)
+        return self._apply_libnftables(plan)
+
+    def _apply_nfnl(self, plan: Plan) -> bool:
+        """The one-batch replace of apply/nfnl_table.py, read back from the kernel's
+        dumps. Raises Unencodable before sending anything it cannot encode."""
+        from segguard.apply import nfnl, nfnl_table
+
+        with gc_paused():  # ~10^5 short-lived byte strings and no cycles among them
+            batch, expected = nfnl_table.replace(plan)
+            if self._sock is None:
+                self._sock = nfnl.NfnlSocket()
+            sock = self._sock
+            self.road = "nfnetlink"
+            try:
+                same = nfnl_table.problems(sock, expected) == []
+            except nfnl.NetlinkError:
+                same = False  # what cannot be read is replaced
+            if same:
+                return False
+            try:
+                sock.send(batch)
+            except nfnl.NetlinkError as exc:
+                raise ApplyError(f"kernel refused the segguard table: {exc.strerror}", batch=replace_batch(plan),
+                                 kernel_error=str(exc)) from exc
+            try:
+                after = nfnl_table.problems(sock, expected)
+            except nfnl.NetlinkError as exc:
+                after = [f"cannot read the table back: {exc.strerror}"]
+        if after is None or after:
+            raise ApplyError("read-back of table bridge %s differs from the plan" % plan.table,
+                             batch=replace_batch(plan), details=after or ["the table is absent after the commit"])
+        return True
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _apply_libnftables(self, plan: Plan) -> bool:
+        self.road = "libnftables"
         want = Fingerprint.of(list(plan.nft))
         current = self.realized(plan.table)
         if current is not None and Fingerprint.of(current) == want:

@@ -68,3 +68,89 @@ def _offsets(batch: bytes):
     while off < len(batch):
         yield off
         off += (struct.unpack_from("=I", batch, off)[0] + 3) & ~3
+
+
+# ---- element_payloads: the full replace's fast encoder, held to _elem_attrs ----------
+
+def _slow(spec, elems):
+    types, interval, is_map = spec
+    out = []
+    for e in elems:
+        value, verdict = (e if is_map else (e, None))
+        body = b"".join(nfnl._elem_attrs(types, interval, value, verdict, 0).values())
+        out.append(struct.pack("=HH", 4 + len(body), nfnl.LIST_ELEM) + body)
+    return out
+
+
+def _plans():
+    import json
+    from pathlib import Path
+
+    golden = Path(__file__).resolve().parents[1] / "golden"
+    for case in sorted(p.name for p in golden.iterdir() if (p / "plan.json").exists()):
+        yield case, json.loads((golden / case / "plan.json").read_text())["nft"]
+
+
+def test_element_payloads_are_the_element_encoder_s_bytes_for_every_golden_element():
+    from segguard.apply.nfnl_table import _spec
+
+    checked = 0
+    for _case, objs in _plans():
+        for o in objs:
+            kind, body = next(iter(o.items()))
+            spec = _spec(body) if kind in ("set", "map") else None
+            if spec is None or (len(spec[0]) == 1 and spec[1]):
+                continue
+            try:
+                want = _slow(spec, body.get("elem", []))
+            except nfnl.Unencodable:
+                with pytest.raises(nfnl.Unencodable):
+                    nfnl.element_payloads(spec, body.get("elem", []))
+                continue
+            assert nfnl.element_payloads(spec, body.get("elem", [])) == want, body["name"]
+            checked += len(want)
+    assert checked > 100
+
+
+@pytest.mark.parametrize("spec, elems", [
+    ((["ifname", "ipv4_addr", "inet_proto", "inet_service"], True, False),
+     [{"concat": ["vnet7", {"prefix": {"addr": "10.40.0.0", "len": 16}}, "tcp", {"range": [1000, 1100]}]},
+      {"concat": ["vnet7", {"range": ["10.0.0.1", "10.0.0.9"]}, "udp", 53]}]),
+    ((["ifname", "ipv6_addr"], False, False), [{"concat": ["vnet8", "fd00:30::2"]}] * 2),
+    ((["ether_addr"], False, False), ["52:54:00:aa:00:01"]),
+    ((["ifname"], False, True), [["vnet7", {"goto": {"target": "gout_x"}}], ["vnet8", {"drop": None}]]),
+])
+def test_element_payloads_match_the_slow_encoder_for_ranges_prefixes_and_verdicts(spec, elems):
+    nfnl._FIELDS.clear()
+    assert nfnl.element_payloads(spec, elems) == _slow(spec, elems)
+    assert nfnl.element_payloads(spec, elems) == _slow(spec, elems)  # from the caches
+
+
+@pytest.mark.parametrize("spec, elem", [
+    ((["ifname", "inet_proto"], False, False), {"concat": ["vnet7", True]}),   # a bool is not 1
+    ((["ifname", "inet_service"], False, False), {"concat": ["vnet7", {"range": [1, 2]}]}),
+    ((["ifname", "ipv4_addr"], False, False), {"concat": ["vnet7"]}),
+    ((["ifname"], False, True), ["vnet7", {"jump": None}]),
+    ((["ifname"], False, True), "vnet7"),
+    ((["inet_proto"], False, False), "no-such-proto"),
+])
+def test_element_payloads_refuse_what_the_encoder_refuses(spec, elem):
+    nfnl._FIELDS.clear()
+    nfnl.element_payloads((["ifname", "inet_proto"], False, False), [{"concat": ["vnet7", 1]}])  # 1 in the cache
+    with pytest.raises(nfnl.Unencodable):
+        nfnl.element_payloads(spec, [elem])
+
+
+def test_a_batch_that_acks_only_its_last_message():
+    b = nfnl.Batch(ack_last=True)
+    for _ in range(3):
+        b.add(nfnl.NFT_MSG_NEWSETELEM, 0, nfnl.NFPROTO_BRIDGE, b"")
+    data, expect = b.finish()
+    flags = []
+    off = 0
+    while off < len(data):
+        length, _t, fl, seq, _pid = struct.unpack_from("=IHHII", data, off)
+        flags.append((seq, bool(fl & nfnl.NLM_F_ACK)))
+        off += length
+    assert flags == [(1, False), (2, False), (3, False), (4, True), (5, False)] and expect == [4]
+    assert b.seqs == [2, 3, 4]  # every message, for naming the refused one

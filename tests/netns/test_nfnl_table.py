@@ -1,0 +1,254 @@
+"""The full replace over nfnetlink (segguard/apply/nfnl_table.py) against a real
+kernel. A plan written by it is what libnftables writes for the same plan: every set,
+chain, rule and element in both tables, byte for byte as the kernel reports them.
+NftablesApplier takes that road, and libnftables' own listing agrees. The dump
+read-back sees what was changed behind its back, and apply repairs it. A batch the
+kernel refuses leaves the previous policy whole. A rule shape this host's libnftables
+encodes otherwise than nfnl_table.py sends the apply down the libnftables road."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from segguard.apply import nfnl, nfnl_chains, nfnl_table
+from segguard.apply.nftables import Nft, NftablesApplier, replace_batch
+from segguard.errors import ApplyError
+from segguard.plan import Plan
+from tests.netns.conftest import scratch_netns
+from tests.netns.test_nfnl import GOLDEN, WIDE
+
+pytestmark = pytest.mark.netns
+# the host kernel has no conntrack in bridge chains: the stateful case runs in the kernel lab
+CASES = ["lab-example", "audit-mode", "unbound-guest", "no-profiles"]
+NETDEV, BRIDGE = nfnl_chains.NFPROTO_NETDEV, nfnl.NFPROTO_BRIDGE
+
+
+def full_plan(case: str, tmp: Path, wide: bool = True) -> Plan:
+    """The golden case's whole plan, netdev port chains included; with the `wide`
+    profile (ranges and prefixes of both families: interval elements) when asked."""
+    from segguard.compile import compile_plan
+    from segguard.config.validate import load_config
+    from segguard.host import HostFacts
+
+    shutil.copytree(GOLDEN / case / "config", tmp / "config")
+    if wide:
+        (tmp / "config" / "profiles" / "wide.yaml").write_text(WIDE)
+    data = json.loads((GOLDEN / case / "facts.json").read_text())
+    if wide:  # its tap, so that its policy is bound (port-keyed elements, a port chain)
+        data["bridges"][0]["ports"].append({"name": "vnet77", "mac": "fe:54:00:aa:00:77"})
+    return compile_plan(load_config(tmp / "config"), HostFacts.from_dict(data))
+
+
+def ports_of(plan: Plan) -> list[str]:
+    return sorted({o["chain"]["dev"] for o in plan.nft if "chain" in o and "dev" in o["chain"]})
+
+
+@pytest.fixture
+def ns() -> Iterator[str]:
+    with scratch_netns("nftb") as name:
+        yield name
+
+
+def make_ports(plan: Plan) -> None:
+    for i, port in enumerate(ports_of(plan)):
+        subprocess.run(["ip", "link", "add", port, "type", "veth", "peer", "name", f"sgtp{i}"], check=True)
+
+
+def snapshot(sock: nfnl.NfnlSocket, table: str) -> dict:
+    """Everything the kernel holds of our two tables, as it reports it: handles (they
+    number objects in the order they were made), a set's backend (newer kernels name
+    it) and rule positions left out."""
+    tkey = nfnl._attr(1, table.encode() + b"\0")
+    out: dict = {}
+
+    def attrs(body: bytes, drop: set[int]) -> list:
+        return [(t, p) for t, p in nfnl_chains._attrs_of(body[4:]) if t not in drop]
+    for fam in (BRIDGE, NETDEV):
+        got = sock.request(nfnl_table.NFT_MSG_GETTABLE, fam, tkey, "table")
+        out[fam, "table"] = None if got is None else attrs(got[0], {3, 4})  # handle, use count
+        if got is None:
+            continue
+        out[fam, "sets"] = sorted(attrs(b, {16, 19, 20}) for b in sock.request(10, fam, tkey, "sets", dump=True) or [])
+        out[fam, "chains"] = sorted(attrs(b, {2, 6}) for b in sock.request(4, fam, tkey, "chains", dump=True) or [])
+        out[fam, "rules"] = [attrs(b, {3, 6}) for b in sock.request(7, fam, tkey, "rules", dump=True) or []]
+        if fam == BRIDGE:
+            for b in sock.request(10, fam, tkey, "sets", dump=True) or []:
+                name = nfnl.parse_attrs(b, 4)[2][0].rstrip(b"\0").decode()
+                out[fam, "elements", name] = Counter(nfnl_table.element_payloads(sock, table, name))
+    return out
+
+
+def check_same_as_libnftables(plan: Plan) -> None:
+    """The plan written by libnftables, then by nfnl_table: the kernel holds the same."""
+    sock = nfnl.NfnlSocket()
+    nft = Nft()
+    try:
+        nft.run(replace_batch(plan), "the plan through libnftables")
+        theirs = snapshot(sock, plan.table)
+        batch, expected = nfnl_table.replace(plan)
+        assert nfnl_table.problems(sock, expected) == [], "the read-back model must match libnftables' table"
+        sock.send(batch)
+        ours = snapshot(sock, plan.table)
+        assert nfnl_table.problems(sock, expected) == []
+    finally:
+        sock.close()
+    assert [k for k in theirs if theirs[k] != ours.get(k)] == [] and set(theirs) == set(ours)
+    assert sum(len(v) for k, v in ours.items() if k[1] == "rules") == sum(1 for o in plan.nft if "rule" in o)
+    # (an interval set holds a range as a start and an end element)
+    assert sum(sum(c.values()) for k, c in ours.items() if k[1] == "elements") >= \
+        sum(len(next(iter(o.values())).get("elem", [])) for o in plan.nft if "set" in o or "map" in o) > 0
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_kernel_holds_what_libnftables_writes(ns, case, tmp_path):
+    plan = full_plan(case, tmp_path, wide=case != "no-profiles")
+    make_ports(plan)
+    check_same_as_libnftables(plan)
+
+
+def test_a_fleet_is_written_as_libnftables_writes_it(ns, tmp_path):
+    from benchmarks import common as c
+    from segguard.compile import compile_plan
+    from segguard.config.validate import load_config
+
+    c.write_fleet(tmp_path, 12)
+    plan = compile_plan(load_config(tmp_path), c.facts(12))
+    make_ports(plan)
+    check_same_as_libnftables(plan)
+
+
+def check_apply_road(plan: Plan) -> None:
+    applier = NftablesApplier()
+    try:
+        assert applier.apply(plan) is True
+        assert applier.road == "nfnetlink", applier.unencodable
+        assert applier.same(plan, applier.realized(plan.table)), "libnftables' listing must agree"
+        assert applier.apply(plan) is False, "a second apply of the same plan sends nothing"
+    finally:
+        applier.close()
+
+
+def test_apply_takes_the_nfnetlink_road_and_libnftables_agrees(ns, tmp_path):
+    plan = full_plan("lab-example", tmp_path)
+    make_ports(plan)
+    check_apply_road(plan)
+
+
+def _tamper(nft: Nft, plan: Plan, what: str) -> None:
+    t = plan.table
+    port_set = next(o["set"] for o in plan.nft if "set" in o and o["set"]["name"] == "in_open4" and o["set"].get("elem"))
+    cmd = {
+        "element": {"delete": {"element": {"family": "bridge", "table": t, "name": "in_open4", "elem": [port_set["elem"][0]]}}},
+        "rule": {"insert": {"rule": {"family": "bridge", "table": t, "chain": "forward", "expr": [{"accept": None}]}}},
+        "chain": {"add": {"chain": {"family": "bridge", "table": t, "name": "left_behind"}}},
+        "netdev": {"delete": {"chain": {"family": "netdev", "table": t, "name": ports_of_chain(plan)}}},
+    }[what]
+    nft.run({"nftables": [cmd]}, f"tamper: {what}")
+
+
+def ports_of_chain(plan: Plan) -> str:
+    return next(o["chain"]["name"] for o in plan.nft if "chain" in o and o["chain"]["family"] == "netdev")
+
+
+@pytest.mark.parametrize("what", ["element", "rule", "chain", "netdev"])
+def test_the_read_back_sees_tampering_and_apply_repairs_it(ns, tmp_path, what):
+    check_tampering(full_plan("lab-example", tmp_path), what)
+
+
+def check_tampering(plan: Plan, what: str) -> None:
+    make_ports(plan)
+    applier = NftablesApplier()
+    sock = nfnl.NfnlSocket()
+    try:
+        assert applier.apply(plan) and applier.road == "nfnetlink"
+        _batch, expected = nfnl_table.replace(plan)
+        _tamper(applier.nft, plan, what)
+        seen = nfnl_table.problems(sock, expected)
+        assert seen, f"a changed {what} must be seen"
+        assert applier.apply(plan) is True, "apply must see the change and replace the table"
+        assert nfnl_table.problems(sock, expected) == []
+    finally:
+        sock.close()
+        applier.close()
+
+
+def test_a_refused_batch_leaves_the_previous_policy_whole(ns, tmp_path):
+    plan = full_plan("lab-example", tmp_path)
+    make_ports(plan)
+    applier = NftablesApplier()
+    assert applier.apply(plan)
+    # a dispatch element that jumps to a chain no plan has: libnftables' child never
+    # sees elements of the port-keyed maps, so only the kernel can refuse it
+    bad = []
+    for o in plan.nft:
+        if "map" in o and o["map"]["name"] == "in_dispatch":
+            m = dict(o["map"])
+            m["elem"] = [*m.get("elem", []), ["vnet99", {"goto": {"target": "no_such_chain"}}]]
+            o = {"map": m}
+        bad.append(o)
+    with pytest.raises(ApplyError) as info:
+        applier.apply(Plan(plan.table, plan.stateful, plan.bindings, tuple(bad)))
+    assert applier.road == "nfnetlink"
+    assert "no_such_chain" in json.dumps(info.value.batch), "the error carries the equivalent libnftables JSON"
+    assert applier.apply(plan) is False, "the refused batch must have changed nothing"
+    applier.close()
+
+
+def test_what_the_road_does_not_encode_goes_through_libnftables(ns, tmp_path):
+    plan = full_plan("lab-example", tmp_path)
+    make_ports(plan)
+    chain = ports_of_chain(plan)
+    extra = {"rule": {"family": "netdev", "table": plan.table, "chain": chain,
+                      "expr": [{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "vnet7"}}, {"counter": None}]}}
+    odd = Plan(plan.table, plan.stateful, plan.bindings, (*plan.nft, extra))
+    applier = NftablesApplier()
+    assert applier.apply(odd) and applier.road == "libnftables" and "iifname" in applier.unencodable
+    assert applier.same(odd, applier.realized(plan.table))
+    applier.close()
+
+
+def test_a_rule_libnftables_encodes_otherwise_is_not_sent_as_guessed(ns, tmp_path, monkeypatch):
+    """The guard on the direct encodings: one rule of each shape is learned from
+    libnftables and must be byte for byte the direct one. A wrong comparison
+    operator here (a mutation of nfnl_table._cmp) must not reach the kernel."""
+    plan = full_plan("lab-example", tmp_path)
+    make_ports(plan)
+    real = nfnl_table._cmp.__wrapped__
+    monkeypatch.setattr(nfnl_table, "_cmp", lambda op, value: real("!=" if op == "==" else "==", value))
+    applier = NftablesApplier()
+    assert applier.apply(plan)
+    assert applier.road == "libnftables" and "otherwise" in applier.unencodable
+    assert applier.same(plan, applier.realized(plan.table))
+    applier.close()
+
+
+def test_the_encoding_child_leaves_nothing_behind(ns, tmp_path):
+    plan = full_plan("lab-example", tmp_path)
+    make_ports(plan)
+    nfnl_table._LEARNED.clear()
+    nfnl_table.replace(plan)  # learns in a child's namespace, sends nothing
+    assert Nft().tables() == set(), "the child's skeleton must not appear here"
+
+
+def test_other_tables_neither_disturb_the_read_back_nor_are_touched(ns, tmp_path):
+    """The kernel dumps every table's chains whatever the filter: another table's
+    chains, sets and rules in both families are not ours to compare, nor to change."""
+    plan = full_plan("lab-example", tmp_path)
+    make_ports(plan)
+    nft = Nft()
+    foreign = []
+    for fam in ("bridge", "netdev"):
+        foreign += [{"add": {"table": {"family": fam, "name": "sgt_foreign"}}},
+                    {"add": {"chain": {"family": fam, "table": "sgt_foreign", "name": "c"}}},
+                    {"add": {"rule": {"family": fam, "table": "sgt_foreign", "chain": "c", "expr": [{"counter": None}, {"accept": None}]}}}]
+    foreign.append({"add": {"set": {"family": "bridge", "table": "sgt_foreign", "name": "s", "type": "ipv4_addr", "elem": ["192.0.2.1"]}}})
+    nft.run({"nftables": foreign}, "foreign tables")
+    before = {f: nft.list_table("sgt_foreign", f) for f in ("bridge", "netdev")}
+    check_apply_road(plan)
+    assert {f: nft.list_table("sgt_foreign", f) for f in ("bridge", "netdev")} == before
