@@ -413,7 +413,8 @@ class Batch:
         end = _msg(NFNL_MSG_BATCH_END, NLM_F_REQUEST, self.seq, socket.AF_UNSPEC, b"", NFNL_SUBSYS_NFTABLES)
         if self.ack_last and self.seqs:
             last = bytearray(self.parts[-1])
-            _NLMSG.pack_into(last, 0, *_NLMSG.unpack_from(last)[:2], _NLMSG.unpack_from(last)[2] | NLM_F_ACK, *_NLMSG.unpack_from(last)[3:])
+            length, mtype, flags, seq, pid = _NLMSG.unpack_from(last)
+            _NLMSG.pack_into(last, 0, length, mtype, flags | NLM_F_ACK, seq, pid)
             self.parts[-1] = bytes(last)
             return b"".join(self.parts) + end, [self.seqs[-1]]
         return b"".join(self.parts) + end, list(self.seqs)

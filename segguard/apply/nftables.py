@@ -226,6 +226,7 @@ class NftablesApplier:
 
     def apply(self, plan: Plan) -> bool:
         """Make the kernel hold `plan`. Returns False if it already did (nothing sent)."""
+        self.road, self.unencodable = "", ""
         if self.nfnetlink:
             from segguard.apply.nfnl import Unencodable
 
