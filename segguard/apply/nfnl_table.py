@@ -322,7 +322,6 @@ def learn(table: str, skeleton: dict[str, Any], learned_sets: list[str], samples
                 result: Any = ("refused", err.strip())
             else:
                 sock = nfnl.NfnlSocket()
-                sock.request(NFT_MSG_GETTABLE, NFPROTO_BRIDGE, _attr(TABLE_NAME, _str(table)), "get table")
                 result = ("ok", _dump_learned(sock, table, learned_sets, samples))
             with os.fdopen(w, "wb") as f:
                 f.write(pickle.dumps(result))
