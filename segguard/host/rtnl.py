@@ -17,9 +17,11 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-RTM_NEWLINK, RTM_GETLINK, RTM_NEWADDR, RTM_GETADDR = 16, 18, 20, 22
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 16, 17, 18, 20, 21, 22
+RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x1, 0x10, 0x100
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x300, 0x200, 0x400
+NLA_F_NESTED = 0x8000
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO, IFLA_AF_SPEC, IFLA_EXT_MASK = 1, 3, 10, 18, 26, 29
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 IFLA_BR_VLAN_FILTERING = 7
@@ -52,24 +54,35 @@ def _attrs(data: bytes, off: int = 0) -> Iterator[tuple[int, bytes]]:
         off += (alen + 3) & ~3
 
 
-def _request(mtype: int, header: bytes, attrs: bytes = b"", dump: bool = True) -> list[bytes]:
-    """One request on a fresh socket: the bodies of its answers (after nlmsghdr)."""
+def _nla(kind: int, payload: bytes) -> bytes:
+    head = _NLA.pack(_NLA.size + len(payload), kind) + payload
+    return head + b"\0" * (-len(head) % 4)
+
+
+def messages(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(type, body after nlmsghdr) of each netlink message in one datagram."""
+    off = 0
+    while off + _NLMSG.size <= len(data):
+        length, t, _flags, _seq, _pid = _NLMSG.unpack_from(data, off)
+        if length < _NLMSG.size:
+            return
+        yield t, data[off + _NLMSG.size:off + length]
+        off += (length + 3) & ~3
+
+
+def _request(mtype: int, header: bytes, attrs: bytes = b"", dump: bool = True, flags: int = 0) -> list[bytes]:
+    """One request on a fresh socket: the bodies of its answers (after nlmsghdr). A
+    command (`flags` with NLM_F_ACK) returns [] at its ACK, or raises the kernel's errno."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE) as s:
         s.bind((0, 0))
         body = header + attrs
-        s.sendall(_NLMSG.pack(_NLMSG.size + len(body), mtype, NLM_F_REQUEST | (NLM_F_DUMP if dump else 0), 1, 0) + body)
+        s.sendall(_NLMSG.pack(_NLMSG.size + len(body), mtype, NLM_F_REQUEST | flags | (NLM_F_DUMP if dump else 0), 1, 0)
+                  + body)
         out: list[bytes] = []
         while True:
             if not select.select([s], [], [], 5.0)[0]:
                 raise OSError(errno.ETIMEDOUT, "rtnetlink: no answer")
-            data = s.recv(1 << 20)
-            off = 0
-            while off + _NLMSG.size <= len(data):
-                length, t, _flags, _seq, _pid = _NLMSG.unpack_from(data, off)
-                if length < _NLMSG.size:
-                    break
-                msg = data[off + _NLMSG.size:off + length]
-                off += (length + 3) & ~3
+            for t, msg in messages(s.recv(1 << 20)):
                 if t == NLMSG_DONE:
                     return out
                 if t == NLMSG_ERROR:
@@ -128,6 +141,31 @@ def link(index: int) -> Link | None:
             return None
         raise
     return parse_link(got[0]) if got else None
+
+
+def vlan_filtering_works(name: str = "sgprobevf0") -> bool:
+    """Whether this kernel filters VLANs on a bridge: create a scratch bridge with
+    vlan_filtering=1, read the flag back, delete the bridge. The only reliable test:
+    a kernel built without CONFIG_BRIDGE_VLAN_FILTERING refuses the attribute
+    (EOPNOTSUPP), and one that ignored it would read back 0."""
+    info = _nla(IFLA_INFO_KIND, b"bridge\0") + _nla(IFLA_INFO_DATA | NLA_F_NESTED, _nla(IFLA_BR_VLAN_FILTERING, b"\1"))
+    create = _nla(IFLA_IFNAME, name.encode() + b"\0") + _nla(IFLA_LINKINFO | NLA_F_NESTED, info)
+    by_name = _nla(IFLA_IFNAME, name.encode() + b"\0")
+    header = _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+    for attempt in (1, 2):
+        try:
+            _request(RTM_NEWLINK, header, create, dump=False, flags=NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK)
+            break
+        except OSError as exc:
+            if exc.errno != errno.EEXIST or attempt == 2:
+                return False
+            # left behind by a probe that died half-way
+            _request(RTM_DELLINK, header, by_name, dump=False, flags=NLM_F_ACK)
+    try:
+        got = _request(RTM_GETLINK, header, by_name + _ext_mask(RTEXT_FILTER_SKIP_STATS), dump=False)
+        return bool(got) and parse_link(got[0]).vlan_filtering is True
+    finally:
+        _request(RTM_DELLINK, header, by_name, dump=False, flags=NLM_F_ACK)
 
 
 def addresses(index: int) -> tuple[str, ...]:

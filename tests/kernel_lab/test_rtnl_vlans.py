@@ -80,3 +80,18 @@ def test_vlan_tables_are_pyroute2s(ns):
     fact, = bridge_facts(["br0"], links, rtnl.addresses, vlans=True)
     assert fact.ports and {p.name for p in fact.ports} == set(PORTS)
     assert fact.vlan_filtering is True and fact.vlans == ours
+
+
+def test_the_vlan_filtering_probe_says_yes_here_and_leaves_nothing():
+    """The agent's capability probe over rtnl (host/rtnl.py vlan_filtering_works): the
+    host kernel has no VLAN filtering, so its 'yes' is seen only here."""
+    from segguard.host import rtnl
+    from segguard.host.netlink import _try_vlan_filtering
+
+    with scratch_netns("vprobe", stem="sgr"):
+        before = {l.name for l in rtnl.links().values()}
+        assert rtnl.vlan_filtering_works() is True
+        assert _try_vlan_filtering() is True
+        sh("ip", "link", "add", "sgprobevf0", "type", "bridge")  # left by a probe that died
+        assert rtnl.vlan_filtering_works() is True
+        assert {l.name for l in rtnl.links().values()} == before
