@@ -452,3 +452,39 @@ def test_libvirt_hook_as_libvirt_calls_it(lab, agent, cfg, tmp_path):
     r = subprocess.run(["ip", "netns", "exec", hv, str(hook), "newvm-1", "prepare", "begin", "-"], input=DOMAIN_XML.format(name="x", mac=NEW_MAC),
                        capture_output=True, text=True, env=agent.env, timeout=60)
     assert r.returncode != 0 and "refusing" in r.stderr
+
+
+def test_an_edit_and_a_tap_in_one_burst_take_the_two_small_roads(lab, cfg):
+    """A profile edit and a new tap reconciled together (one coalesced run: reasons
+    config + link-new) go as the edit's delta, then the bind's, not as the full road: at
+    1,000 guests that burst had cost 2.1 s and ~40 MB at the agent's peak. The kernel
+    then holds what a fresh compile gives."""
+    from segguard.agent.reconcile import Reconciler
+
+    class Log:
+        def __init__(self):
+            self.entries = []
+
+        def info(self, event, **kw):
+            self.entries.append({"event": event, **kw})
+
+        warning = error = info
+
+    hv, log = lab.topology.hv_ns, Log()
+    with nl.enter_netns(hv):
+        rec = Reconciler(cfg, log)
+        assert rec.load()
+        assert rec.reconcile(frozenset({"start"})).action == "full"
+        prof = cfg / "profiles" / "xp-line3.yaml"
+        prof.write_text(prof.read_text().replace("ports: [3389]", "ports: [5901]"))
+        _plug(lab, lab.prefix + "new")
+        assert rec.load(changed={"xp-line3.yaml"})
+        n = len(log.entries)
+        out = rec.reconcile(frozenset({"config", "link-new"}))
+    applied = [e for e in log.entries[n:] if e["event"] == "applied"]
+    assert [e["road"] for e in applied] == ["profile", "fast"], applied
+    assert out.action == "incremental" and rec.fast_path_skipped is None
+    assert any("5901" in c for c in out.changes) and any(NEW_PORT in c for c in out.changes), out.changes
+    assert NEW_PORT in {e[0] for e in elems(live_table(hv), "out_dispatch")}
+    plan = nsrun(hv, PY, "-m", "segguard.cli", "plan", "-c", str(cfg))
+    assert plan.returncode == 0, plan.stdout + plan.stderr  # nothing left to change
