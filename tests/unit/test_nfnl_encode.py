@@ -119,6 +119,9 @@ def test_element_payloads_are_the_element_encoder_s_bytes_for_every_golden_eleme
     ((["ifname", "ipv6_addr"], False, False), [{"concat": ["vnet8", "fd00:30::2"]}] * 2),
     ((["ether_addr"], False, False), ["52:54:00:aa:00:01"]),
     ((["ifname"], False, True), [["vnet7", {"goto": {"target": "gout_x"}}], ["vnet8", {"drop": None}]]),
+    ((["ifname", "ether_addr"], False, True),
+     [[{"concat": ["vnet7", "52:54:00:aa:00:01"]}, {"jump": {"target": "g7"}}],
+      [{"concat": ["vnet8", "52:54:00:aa:00:02"]}, {"accept": None}]]),
 ])
 def test_element_payloads_match_the_slow_encoder_for_ranges_prefixes_and_verdicts(spec, elems):
     nfnl._FIELDS.clear()
@@ -133,10 +136,13 @@ def test_element_payloads_match_the_slow_encoder_for_ranges_prefixes_and_verdict
     ((["ifname"], False, True), ["vnet7", {"jump": None}]),
     ((["ifname"], False, True), "vnet7"),
     ((["inet_proto"], False, False), "no-such-proto"),
+    # a range seen before in an interval set is still not a single value
+    ((["ifname", "inet_service"], False, False), {"concat": ["vnet7", {"range": [1000, 1100]}]}),
 ])
 def test_element_payloads_refuse_what_the_encoder_refuses(spec, elem):
     nfnl._FIELDS.clear()
     nfnl.element_payloads((["ifname", "inet_proto"], False, False), [{"concat": ["vnet7", 1]}])  # 1 in the cache
+    nfnl.element_payloads((["ifname", "inet_service"], True, False), [{"concat": ["vnet7", {"range": [1000, 1100]}]}])
     with pytest.raises(nfnl.Unencodable):
         nfnl.element_payloads(spec, [elem])
 
@@ -154,3 +160,34 @@ def test_a_batch_that_acks_only_its_last_message():
         off += length
     assert flags == [(1, False), (2, False), (3, False), (4, True), (5, False)] and expect == [4]
     assert b.seqs == [2, 3, 4]  # every message, for naming the refused one
+
+
+# ---- read-back of a set's elements: cut at their one length ---------------------------
+
+class _DumpOf:
+    """A socket whose element dump answers `lists` (each an NFTA_SET_ELEM_LIST_ELEMENTS)."""
+
+    def __init__(self, *lists: bytes):
+        self.lists = lists
+
+    def request(self, *_a, **_k):
+        return [bytes(4) + nfnl._attr(3, lst, nested=True) for lst in self.lists]
+
+
+def test_elements_read_back_at_one_length_are_what_a_header_walk_finds():
+    from collections import Counter
+
+    from segguard.apply import nfnl_table
+
+    spec = (["ifname", "ipv4_addr"], False, False)
+    elems = nfnl.element_payloads(spec, [{"concat": [f"vnet{i}", f"10.0.0.{i}"]} for i in range(6)])
+    size = len(elems[0])
+    assert {len(e) for e in elems} == {size} and size % 4 == 0
+    held = _DumpOf(b"".join(elems[:4]), b"".join(elems[4:]))
+    assert nfnl_table.element_payloads(held, "t", "s", size) == nfnl_table.element_payloads(held, "t", "s") == elems
+    # an element of another length (a map's verdict, say) is not cut into look-alikes
+    other = nfnl.element_payloads((["ifname", "ipv4_addr"], False, True),
+                                  [[{"concat": ["vnet9", "10.0.0.9"]}, {"accept": None}]])[0]
+    odd = _DumpOf(b"".join(elems[:3]) + other)
+    assert Counter(nfnl_table.element_payloads(odd, "t", "s", size)) != Counter(elems[:3] + [elems[0]])
+    assert nfnl_table.element_payloads(odd, "t", "s", size) == elems[:3] + [other]
