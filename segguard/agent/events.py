@@ -23,7 +23,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from segguard.host.rtnl import Link
+from segguard.host import rtnl
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,6 @@ class LinkMonitor:
     link, so a bridge's addresses are read again only after one."""
 
     def __init__(self) -> None:
-        from segguard.host import rtnl
-
         # A plain non-blocking socket, parsed by host/rtnl.py: pyroute2's own socket
         # reads datagrams into a user-space queue and hands out one per get(), so after
         # a burst (a tap deleted: link down, unenslaved, deleted) the rest sat in that
@@ -71,15 +69,13 @@ class LinkMonitor:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
         # subscribe before the snapshot: a link created in between shows up as an event
         self.sock.bind((0, rtnl.RTMGRP_LINK | rtnl.RTMGRP_IPV4_IFADDR | rtnl.RTMGRP_IPV6_IFADDR))
-        self.links: dict[int, Link] = {}
+        self.links: dict[int, rtnl.Link] = {}
         self.addr_version: dict[int, int] = {}
         self.overflowed = False
         self.snapshot()
 
     def snapshot(self) -> None:
         """Every link afresh (start, lost events); every address to be read again."""
-        from segguard.host import rtnl
-
         self.links = rtnl.links()
         self.addr_version = {i: self.addr_version.get(i, 0) + 1 for i in set(self.addr_version) | set(self.links)}
 
@@ -87,8 +83,6 @@ class LinkMonitor:
         return self.sock.fileno()
 
     def _messages(self):
-        from segguard.host import rtnl
-
         while True:
             try:
                 data = self.sock.recv(1 << 16)
@@ -103,8 +97,6 @@ class LinkMonitor:
             yield from rtnl.messages(data)
 
     def read(self) -> list[LinkEvent | AddrEvent | BridgePortEvent]:
-        from segguard.host import rtnl
-
         out: list[LinkEvent | AddrEvent | BridgePortEvent] = []
         lost = self.overflowed
         for mtype, body in self._messages():
@@ -128,7 +120,7 @@ class LinkMonitor:
                 self.links.pop(idx, None)
                 out.append(LinkEvent("del", name, idx, None, prev.master if prev else None, mac))
                 continue
-            self.links[idx] = Link(idx, name, master, mac or (prev.mac if prev else ""))
+            self.links[idx] = rtnl.Link(idx, name, master, mac or (prev.mac if prev else ""))
             if prev is not None and prev.master is not None and prev.master != master:
                 out.append(LinkEvent("moved", name, idx, master, prev.master, mac))
             else:
