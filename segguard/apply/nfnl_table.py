@@ -358,23 +358,6 @@ def learn(table: str, skeleton: dict[str, Any], learned_sets: list[str], samples
 _LEARNED: dict[str, Learned] = {}
 
 
-def _encode_sets(jobs: list[tuple[str, nfnl.SetSpec, list[Any]]]) -> dict[str, list[bytes] | None]:
-    """Each set's elements as element_payloads encodes them; None for a set it refuses.
-    (Tried: a forked child encoding two thirds of them beside the rules. It saved ~20 ms
-    of ~0.18 s here: after the fork both processes take a copy-on-write fault on every
-    page whose objects they touch.)"""
-    out: dict[str, list[bytes] | None] = {}
-    try:
-        for name, spec, elems in jobs:
-            try:
-                out[name] = nfnl.element_payloads(spec, elems)
-            except Unencodable:
-                out[name] = None
-    finally:
-        nfnl._FIELDS.clear()  # a few MB at 1,000 guests, of no use after the replace
-    return out
-
-
 # ---- the batch ------------------------------------------------------------------------
 
 FAMILIES = {"bridge": NFPROTO_BRIDGE, "netdev": nfnl_chains.NFPROTO_NETDEV}
@@ -433,43 +416,38 @@ def replace(plan) -> tuple[nfnl.Batch, Expected]:
     table, objects = plan.table, list(plan.nft)
     exp = Expected(table)
     bridge: list[dict[str, Any]] = []
-    jobs: list[tuple[str, nfnl.SetSpec, list[Any]]] = []  # the sets nfnl.py may encode the elements of
+    direct_elems: dict[str, list[bytes]] = {}
     learned_sets: list[str] = []
-    for o in objects:
-        kind, body = _body(o)
-        fam = body.get("family")
-        if fam not in FAMILIES or kind not in ("table", "set", "map", "chain", "rule") or (fam == "netdev" and kind in ("set", "map")):
-            raise Unencodable(f"{kind} of family {fam}")
-        if fam == "bridge" and kind != "rule":
-            bridge.append(o)
-        if kind in ("set", "map"):
-            spec = _spec(body)
-            if spec is None:
-                learned_sets.append(body["name"])
-            else:
-                jobs.append((body["name"], spec, body.get("elem", [])))
     direct: dict[int, tuple[bytes, bytes]] = {}   # object index -> encoded rule
     samples: dict[tuple, int] = {}                # shape -> object index
     learned_rules: list[dict[str, Any]] = []
-    for i, o in enumerate(objects):
-        kind, body = _body(o)
-        if kind != "rule":
-            continue
-        try:
-            exprs, udata, shape = direct_rule(body)
-            direct[i] = (exprs, udata)
-            samples.setdefault(shape, i)
-        except Unencodable:
-            if body["family"] == "netdev":  # its chain's device is not in the child's namespace
-                raise
-            learned_rules.append(o)
-    encoded = _encode_sets(jobs)
-    direct_elems: dict[str, list[bytes]] = {}
-    for name, _spec_, _elems in jobs:
-        if encoded[name] is None:
-            learned_sets.append(name)  # e.g. a single-field interval set
-        else:
-            direct_elems[name] = encoded[name]
+    try:
+        for i, o in enumerate(objects):
+            kind, body = _body(o)
+            fam = body.get("family")
+            if fam not in FAMILIES or kind not in ("table", "set", "map", "chain", "rule") or (fam == "netdev" and kind in ("set", "map")):
+                raise Unencodable(f"{kind} of family {fam}")
+            if fam == "bridge" and kind != "rule":
+                bridge.append(o)
+            if kind in ("set", "map"):
+                spec = _spec(body)
+                try:
+                    if spec is None:
+                        raise Unencodable(f"datatype of {body['name']}")
+                    direct_elems[body["name"]] = nfnl.element_payloads(spec, body.get("elem", []))
+                except Unencodable:
+                    learned_sets.append(body["name"])  # e.g. a single-field interval set
+            elif kind == "rule":
+                try:
+                    exprs, udata, shape = direct_rule(body)
+                    direct[i] = (exprs, udata)
+                    samples.setdefault(shape, i)
+                except Unencodable:
+                    if fam == "netdev":  # its chain's device is not in the child's namespace
+                        raise
+                    learned_rules.append(o)
+    finally:
+        nfnl._FIELDS.clear()  # a few MB at 1,000 guests, of no use once the elements are encoded
     sample_objs = [objects[i] for i in samples.values()]
     skeleton = _skeleton(table, bridge, set(direct_elems), learned_rules, sample_objs)
     key = hashlib.sha256(json.dumps(skeleton, sort_keys=True).encode()).hexdigest()

@@ -119,7 +119,6 @@ def test_the_agent_s_event_and_fact_readers_do_not_load_pyroute2(ns):
 import sys
 from segguard.agent.events import LinkMonitor
 from segguard.agent.reconcile import TopologyReader
-from segguard.host.netlink import _bridge_conntrack_available, _try_vlan_filtering
 mon = LinkMonitor()
 reader = TopologyReader(with_libvirt=False)
 reader.monitor = mon
