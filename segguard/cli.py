@@ -134,7 +134,7 @@ def apply(config: Optional[Path] = ConfigOpt, dry_run: bool = typer.Option(False
 @app.command()
 def status(config: Optional[Path] = ConfigOpt, as_json: bool = JsonOpt) -> None:
     """Desired (config) vs realized (kernel) per guest, and which reply mode is live."""
-    from segguard.apply.nftables import NftablesApplier, uses_conntrack
+    from segguard.apply.nftables import NftablesApplier, diff_objects, uses_conntrack
     from segguard.flow import build_plan, last_applied
     from segguard.report import bindings_table, console
 
@@ -156,7 +156,14 @@ def status(config: Optional[Path] = ConfigOpt, as_json: bool = JsonOpt) -> None:
         p, hf = plan_from_dict(prev), HostFacts(bridge_conntrack=bool(prev.get("stateful")))
     applier = NftablesApplier()
     realized = applier.realized(p.table)
-    diff = applier.diff(p)
+    leftover = 0
+    if realized is not None and agent and agent.get("leftover_ports"):
+        # what the agent left of unbound ports (inert: no dispatch element in this very
+        # listing reaches them) is not drift; anything else still is
+        from segguard.apply.incremental import strip_inert_leftovers
+
+        realized, leftover = strip_inert_leftovers(realized, agent["leftover_ports"])
+    diff = diff_objects(list(p.nft), realized)
     live_stateful = None if realized is None else uses_conntrack(realized)
     from segguard.audit import vlan_status, vlan_status_lines
 
@@ -169,6 +176,7 @@ def status(config: Optional[Path] = ConfigOpt, as_json: bool = JsonOpt) -> None:
         "vlans": vlans["bridges"],
         "guests": [b.__dict__ for b in p.bindings],
         "drift": diff.describe(limit=20),
+        "leftover_elements": leftover,
         "last_applied_guests": len((last_applied() or {}).get("bindings", [])),
         "config_error": config_problems,
         "agent": agent,
@@ -205,6 +213,9 @@ def _agent_status(agent: dict) -> None:
         _out(f"agent config error (last good policy still enforced): {line}")
     if agent.get("vlan_layer"):
         _out(f"agent VLAN layer: {agent['vlan_layer']}")
+    if left := agent.get("leftover_ports"):
+        _out(f"agent: interval-set elements of {len(left)} unbound port(s) ({', '.join(left[:5])}{', ...' if len(left) > 5 else ''}) "
+             f"not deleted yet: no dispatch element reaches them; deleted when the agent is quiet")
     if agent.get("verifying"):
         _out(f"agent: live verify of {agent['verifying'].get('guest')} in progress; the table holds its probe stand-in "
              f"until it ends")
@@ -318,7 +329,10 @@ def agent(config: Optional[Path] = ConfigOpt,
           metrics: Optional[str] = typer.Option(None, "--metrics", help="serve Prometheus metrics on ADDR:PORT (default addr 127.0.0.1)"),
           verify_every: float = typer.Option(0.0, "--verify-every", help="seconds between rounds of real-packet verification of "
                                              "every guest through probe ports, as `verify --live` (0, the default: never)"),
-          drift_every: float = typer.Option(30.0, "--drift-every", help="seconds between full drift checks besides the event-driven ones")) -> None:
+          drift_every: float = typer.Option(30.0, "--drift-every", help="seconds between full drift checks besides the event-driven ones"),
+          leftover_quiet: float = typer.Option(2.0, "--leftover-quiet", help="seconds without a reconcile before an unbound "
+                                               "port's leftover interval-set elements are deleted (they allow nothing "
+                                               "meanwhile; see README)")) -> None:
     """The host agent: apply, then keep the kernel holding the plan as taps come and go,
     the config changes and hands change the ruleset. Stopping it removes nothing."""
     from segguard.agent import Agent
@@ -327,7 +341,8 @@ def agent(config: Optional[Path] = ConfigOpt,
     if metrics:
         host, _, port = metrics.rpartition(":")
         addr = (host or "127.0.0.1", int(port))
-    raise typer.Exit(Agent(config, metrics_addr=addr, verify_every=verify_every or None, drift_every=drift_every or None).run())
+    raise typer.Exit(Agent(config, metrics_addr=addr, verify_every=verify_every or None, drift_every=drift_every or None,
+                           leftover_quiet=leftover_quiet).run())
 
 
 @app.command("install-hook")

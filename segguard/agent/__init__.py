@@ -18,6 +18,9 @@ from pathlib import Path
 
 from segguard.agent.log import Log
 
+LEFTOVER_QUIET = 2.0  # seconds without a reconcile before unbound ports' leftovers are deleted
+LEFTOVER_CAP = 64     # ports with leftovers past which they are deleted even without a lull
+
 
 def _sd_notify(msg: str) -> None:
     """systemd Type=notify readiness: libvirt's units are ordered after us, and "after"
@@ -38,11 +41,11 @@ def _sd_notify(msg: str) -> None:
 class Agent:
     def __init__(self, config_dir: str | Path | None, metrics_addr: tuple[str, int] | None = None,
                  verify_every: float | None = None, drift_every: float | None = 30.0, min_interval: float = 0.05,
-                 log: Log | None = None):
+                 log: Log | None = None, leftover_quiet: float = LEFTOVER_QUIET):
         from segguard.agent.forked import ForkedWriter
         from segguard.agent.metrics import Metrics
         from segguard.agent.reconcile import Reconciler
-        from segguard.agent.schedule import BoundedRunner, Deferred, Periodic, Scheduler
+        from segguard.agent.schedule import BoundedRunner, Deferred, Periodic, Scheduler, WhenQuiet
         from segguard.agent.verify import VerifyRounds
 
         self.log = log or Log()
@@ -73,6 +76,10 @@ class Agent:
         # when a burst is over, and at least every 2 s through a stream of taps (written
         # 0.2 s after the first event of each, it held up one bind in four at 5,000)
         self.state_writer = self.sched.add(Deferred(self._write_state, 0.2, settle=2.0))
+        # an unbind leaves its port's interval-set elements (inert without a dispatch
+        # element: apply/incremental.py says why); deleting one port's costs the kernel
+        # up to ~0.5 s with 900 ports bound, so it waits for a lull in the reconciles
+        self.collector = self.sched.add(WhenQuiet(self._collect, leftover_quiet))
         self._reload = False
 
     # -- tasks ------------------------------------------------------------------------
@@ -110,6 +117,25 @@ class Agent:
         # the status file is a report: written off the event's path and merged over a
         # burst (at 5,000 guests it is 2 MB of JSON, ~40 ms, per reconcile)
         self.state_writer.request(time.monotonic())
+        if left := len(self.rec.leftover_ports):
+            # a backlog past the cap is collected even through a stream of events: the
+            # kernel's sets must not grow without bound
+            self.collector.touch(time.monotonic(), at_once=left > LEFTOVER_CAP)
+
+    def _collect(self) -> None:
+        """Unbound ports' leftovers, when no reconcile is waiting (or past the cap)."""
+        if self.runner.pending and len(self.rec.leftover_ports) <= LEFTOVER_CAP:
+            self.collector.touch(time.monotonic())  # the reconcile first; it touches again
+            return
+        self.rec.collect_leftover()
+        if not self.rec.in_sync():
+            self.runner.request("leftover-collect-failed")
+            return
+        if self.rec.road == "full":
+            self._trim()
+        self.state_writer.request(time.monotonic())
+        if self.rec.dirty:
+            self.persist.request(time.monotonic())
 
     def _persist(self, sync: bool = True) -> None:
         """The applied plan's file. Asynchronously (a forked child writes the copy-on-write

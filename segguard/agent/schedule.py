@@ -124,3 +124,29 @@ class Deferred:
         self.due = self.first = None
         self.fn()
         return True
+
+
+@dataclass
+class WhenQuiet:
+    """Runs `fn()` once `quiet` seconds have passed since the last `touch`; a touch
+    starts the quiet period over. For work that holds the kernel's nftables lock long
+    enough to delay a tap's bind (deleting unbound ports' leftovers): it waits for a
+    lull in the events. `touch(now, at_once=True)` runs it at the next pass regardless
+    (a backlog that must not grow)."""
+
+    fn: Callable[[], object]
+    quiet: float
+    due: float | None = None
+
+    def touch(self, now: float, at_once: bool = False) -> None:
+        self.due = now if at_once else now + self.quiet
+
+    def deadline(self) -> float | None:
+        return self.due
+
+    def maybe_run(self, now: float) -> bool:
+        if self.due is None or now < self.due:
+            return False
+        self.due = None
+        self.fn()
+        return True

@@ -70,4 +70,7 @@ def snapshot(rec, verify: dict[str, dict[str, Any]], started: float, pid: int, r
         "vlan_layer": rec.vlan.layer or "-", "vlan_bridges": rec.vlan.state,
         "last_apply": rec.last_apply, "last_drift": rec.last_drift, "drift_counts": rec.drift_counts,
         "guests": guests,
+        # unbound ports whose interval-set elements are not deleted yet (inert: no
+        # dispatch element reaches them; the agent deletes them when quiet)
+        "leftover_ports": rec.leftover_ports,
     }

@@ -19,7 +19,7 @@ from typing import Any
 
 from segguard.apply.nftables import Nft, NftablesApplier, _metainfo, canonical_key, diff_objects, normalize, rule_order
 from segguard.errors import ApplyError
-from segguard.compile.policy import port_set_types
+from segguard.compile.policy import INTERVAL_SETS, port_set_types
 from segguard.plan import Plan
 
 # The objects whose elements change when a tap appears or goes away, or a profile's
@@ -207,6 +207,9 @@ class LiveElements:
     elems: dict[str, dict[str, Any]]          # object -> canonical key -> element
     netdev: dict[str, list[dict[str, Any]]]   # chain -> [chain, rules...]
     spec: dict[str, tuple[list[str], bool, bool]] = dataclasses.field(default_factory=dict)  # object -> (key types, interval, map)
+    # unbound ports' interval-set elements the kernel still holds (in `elems` too):
+    # port -> set -> elements; see `settle_leftovers`
+    leftover: dict[str, dict[str, list[Any]]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def of(cls, objects: list[dict[str, Any]] | tuple[dict[str, Any], ...]) -> "LiveElements":
@@ -357,6 +360,139 @@ def read_back_port_chains(nft: Nft, table: str, live: LiveElements, delta: Eleme
 
 
 
+# ---- leftovers: an unbind's interval-set deletes, deferred -------------------------
+#
+# Deleting an element from an interval concatenation set (the kernel's pipapo) costs
+# time that grows with the set: with 900 ports bound, ~50 ms per element of a port
+# bound late, ~0.5 s for one guest's 10 (host kernel 6.18, benchmarks/README.md), while
+# adding them and deleting from hash sets costs ~1 ms. So an unbind deletes the port's
+# dispatch, identity and hash-set elements at once and leaves its interval-set elements
+# in the kernel as leftovers. They allow nothing: every lookup in those sets is keyed by
+# the port (iifname from the guest, oifname to it) and sits in chains entered only
+# through out_dispatch/in_dispatch under the same key, whose element the unbind
+# deleted. A bind to that port name settles them in its own transaction (keeps what the
+# new guest wants, deletes the rest), and the agent deletes the others one port at a
+# time when it is quiet (Reconciler.collect_leftover).
+
+def _port(elem: Any) -> str:
+    return elem["concat"][0]  # every policy set is keyed by (port, ...) first
+
+
+class _Dispatched:
+    """Whether a port has a dispatch element once `delta` is committed: what makes its
+    policy elements reachable."""
+
+    MAPS = ("out_dispatch", "in_dispatch")  # nd_dispatch jumps to ND chains, which use no policy set
+
+    def __init__(self, live: LiveElements, delta: ElementDelta):
+        self.elems = live.elems
+        self.gone = {(n, _key(k)) for n, keys in delta.delete if n in self.MAPS for k in keys}
+        self.new = {(n, _key(e[0])) for n, elems in delta.add if n in self.MAPS for e in elems}
+
+    def __contains__(self, port: str) -> bool:
+        k = _key(port)
+        return any((n, k) in self.new or (k in self.elems.get(n, ()) and (n, k) not in self.gone) for n in self.MAPS)
+
+
+def settle_leftovers(delta: ElementDelta, live: LiveElements
+                     ) -> tuple[ElementDelta, dict[str, dict[str, list[Any]]], set[str], list[tuple[str, Any]]]:
+    """`delta` as it is sent, and what it changes about the leftovers:
+    (delta, deferred, settled, kept). A port with leftovers that has a dispatch element
+    after `delta` gets them settled: those `delta` would add again stay (not re-added;
+    `kept` lists them for the read-back), the others are deleted in the same
+    transaction. Interval-set deletes of ports without a dispatch element after
+    `delta` are `deferred` (left in the kernel)."""
+    bound = _Dispatched(live, delta)
+    add = {name: list(elems) for name, elems in delta.add}
+    delete = {name: list(elems) for name, elems in delta.delete}
+    settled = {p for p in live.leftover if p in bound}
+    kept: list[tuple[str, Any]] = []
+    for p in sorted(settled):
+        for name, elems in live.leftover[p].items():
+            wanted = {_key(e) for e in add.get(name, ()) if _port(e) == p}
+            for e in elems:
+                if _key(e) in wanted:
+                    kept.append((name, e))
+                else:
+                    delete.setdefault(name, []).append(e)
+            if wanted:
+                held = {_key(e) for e in elems}
+                add[name] = [e for e in add[name] if not (_port(e) == p and _key(e) in held)]
+    deferred: dict[str, dict[str, list[Any]]] = {}
+    for name in INTERVAL_SETS & set(delete):
+        now = []
+        for e in delete[name]:
+            if _port(e) in bound:
+                now.append(e)
+            else:
+                deferred.setdefault(_port(e), {}).setdefault(name, []).append(e)
+        delete[name] = now
+    names = [name for name, _ in delta.delete]
+    names += [name for name in delete if name not in names]
+    out = dataclasses.replace(delta, delete=tuple((n, tuple(delete.get(n, ()))) for n in names),
+                              add=tuple((n, tuple(add.get(n, ()))) for n, _ in delta.add))
+    return out, deferred, settled, kept
+
+
+def record_leftovers(live: LiveElements, deferred: dict[str, dict[str, list[Any]]], settled: set[str]) -> None:
+    """After the transaction committed: the settled ports have none left, the deferred
+    deletes are leftovers (still in `live.elems`, as in the kernel)."""
+    for p in settled:
+        live.leftover.pop(p, None)
+    for p, by_set in deferred.items():
+        mine = live.leftover.setdefault(p, {})
+        for name, elems in by_set.items():
+            mine.setdefault(name, []).extend(elems)
+
+
+def interval_deletes(delta: ElementDelta) -> int:
+    """How many interval-set elements `delta` deletes: past a few, replacing the whole
+    table (~0.6 s at 1,000 guests, however many) is cheaper than the deletes."""
+    return sum(len(elems) for name, elems in delta.delete if name in INTERVAL_SETS)
+
+
+def without_leftovers(live: LiveElements) -> LiveElements:
+    """`live` as it would be with every leftover deleted: the plan in force."""
+    gone = {name: {_key(e) for by_set in live.leftover.values() for e in by_set.get(name, ())} for name in live.kind}
+    elems = {name: {k: e for k, e in by_key.items() if k not in gone[name]} for name, by_key in live.elems.items()}
+    return LiveElements(live.kind, elems, live.netdev, live.spec)
+
+
+def strip_inert_leftovers(realized: list[dict[str, Any]], ports: set[str] | list[str]) -> tuple[list[dict[str, Any]], int]:
+    """A listing of the table without the leftovers of `ports` (those the agent says it
+    has not deleted yet), and how many elements that took out. Judged on the listing
+    itself: only interval-set elements, only of ports with no dispatch element in it."""
+    dispatched: set[str] = set()
+    for o in realized:
+        kind, body = next(iter(o.items()))
+        if kind == "map" and body.get("name") in _Dispatched.MAPS and body.get("family", "bridge") == "bridge":
+            dispatched |= {e[0] for e in body.get("elem", ())}
+    inert = set(ports) - dispatched
+    if not inert:
+        return realized, 0
+    out, n = [], 0
+    for o in realized:
+        kind, body = next(iter(o.items()))
+        if kind == "set" and body.get("name") in INTERVAL_SETS and body.get("family", "bridge") == "bridge" and "elem" in body:
+            kept = [e for e in body["elem"] if not (isinstance(e, dict) and "concat" in e and e["concat"][0] in inert)]
+            if len(kept) != len(body["elem"]):
+                n += len(body["elem"]) - len(kept)
+                body = {k: v for k, v in body.items() if k != "elem"}
+                if kept:
+                    body["elem"] = kept
+                o = {kind: body}
+        out.append(o)
+    return out, n
+
+
+def collect_delta(live: LiveElements, port: str) -> ElementDelta:
+    """The deletes of one unbound port's leftovers."""
+    names = sorted(live.kind)
+    left = live.leftover[port]
+    return ElementDelta({n: live.kind[n] for n in names}, tuple((n, tuple(left.get(n, ()))) for n in names),
+                        tuple((n, ()) for n in names))
+
+
 # ---- deltas straight over nfnetlink (apply/nfnl.py, nfnl_chains.py say why) -------
 
 def send_delta(sock, table: str, live: LiveElements, delta: ElementDelta) -> None:
@@ -385,24 +521,27 @@ def send_delta(sock, table: str, live: LiveElements, delta: ElementDelta) -> Non
                          batch=delta_batch(table, delta), kernel_error=str(exc)) from exc
 
 
-def read_back_touched(sock, table: str, live: LiveElements, delta: ElementDelta) -> list[str]:
+def read_back_touched(sock, table: str, live: LiveElements, delta: ElementDelta,
+                      kept: list[tuple[str, Any]] = ()) -> list[str]:
     """Ask the kernel for exactly what `delta` touched (`live` has it applied): each
     element it added must be there as written (a map's verdict included), each key it
     deleted and did not re-add must be gone; each port chain it added must hold its
     hook and rules as planned, each it deleted must be gone. A get per element and per
     chain, not a listing: the read-back of an edit or a bind costs the same with 10 or
     5,000 guests, and covers the policy sets too (a deleted allow element left behind
-    is an open door). Raises nfnl.Unencodable for a chain of a shape nfnl_chains.py
-    does not know (the caller lists it instead)."""
+    is an open door). `kept`: (set, element) a bind found already there (a leftover
+    its guest wants: settle_leftovers), read back as its adds are. Raises
+    nfnl.Unencodable for a chain of a shape nfnl_chains.py does not know (the caller
+    lists it instead)."""
     from segguard.apply import nfnl
 
     try:
-        return _read_back_touched(sock, table, live, delta)
+        return _read_back_touched(sock, table, live, delta, kept)
     except nfnl.NetlinkError as exc:
         return [f"cannot read the touched objects back: {exc.strerror}"]
 
 
-def _read_back_touched(sock, table: str, live: LiveElements, delta: ElementDelta) -> list[str]:
+def _read_back_touched(sock, table: str, live: LiveElements, delta: ElementDelta, kept=()) -> list[str]:
     from segguard.apply import nfnl, nfnl_chains
 
     problems: list[str] = []
@@ -412,6 +551,7 @@ def _read_back_touched(sock, table: str, live: LiveElements, delta: ElementDelta
     if delta.delete_port_table and not live.netdev and nfnl_chains.table_present(sock, table):
         problems.append(f"netdev table {table}: still present")
     adds = [(name, live.spec[name], e) for name, elems in delta.add for e in elems]
+    adds += [(name, live.spec[name], e) for name, e in kept]
     # a map's deletes are bare keys; a key re-added (another verdict) is checked with the adds
     deletes = [(name, (live.spec[name][0], live.spec[name][1], False), k) for name, keys in delta.delete
                for k in keys if _key(k) not in live.elems[name]]

@@ -240,6 +240,129 @@ def test_libvirt_style_tap_is_bound_and_a_burst_from_its_first_frame_never_reach
     assert port_chain_rules(hv, NEW_PORT) is None
 
 
+OTHER_MAC, OTHER_TAP_MAC, OTHER_IP = "52:54:00:aa:00:0a", "fe:54:00:aa:00:0a", "10.30.0.21"
+
+
+def _ranged(name: str, mac: str, ip: str, ports: str) -> str:
+    """A one-guest profile with a port range: its element goes to an interval set."""
+    return (NEW_PROFILE.replace("name: newvm\n", f"name: {name}\n").replace("newvm-1", f"{name}-1")
+            .replace(NEW_MAC, mac).replace(NEW_IP, ip)
+            .replace("  - {to: historian_db, proto: udp, ports: [514]}\n",
+                     f"  - {{to: historian_db, proto: udp, ports: [514]}}\n  - {{to: historian_db, proto: tcp, ports: [\"{ports}\"]}}\n"))
+
+
+def test_an_unbind_leaves_inert_leftovers_a_bind_of_the_port_settles_them_and_a_lull_collects_them(lab, cfg, tmp_path):
+    """Beside a running fleet an unbind's deletes from the interval sets cost the kernel
+    ~0.5 s, so the agent leaves them (apply/incremental.py `settle_leftovers`). Frames
+    decide: the same guest back on the port has its range allowed; another guest on the
+    same port name does not inherit it (it is deleted in that bind's transaction); and
+    once the agent is quiet the table is exactly a fresh compile again."""
+    hv, app = lab.topology.hv_ns, lab.host("app")
+    (cfg / "profiles" / "newvm.yaml").write_text(_ranged("newvm", NEW_MAC, NEW_IP, "5000-5099"))
+    (cfg / "profiles" / "othervm.yaml").write_text(_ranged("othervm", OTHER_MAC, OTHER_IP, "6000-6099"))
+    new_range = {"concat": [NEW_PORT, app.ip4, "tcp", {"range": [5000, 5099]}]}
+    other_range = {"concat": [NEW_PORT, app.ip4, "tcp", {"range": [6000, 6099]}]}
+    _port[0] += 1
+    agent = AgentProc(hv, cfg, tmp_path / "state", tmp_path / "agent.log", _port[0],
+                      args=("--verify-every", "0", "--drift-every", "5", "--leftover-quiet", "10"))
+    agent.start()
+    try:
+        def bound():
+            return any(e[0] == NEW_PORT for e in elems(live_table(hv), "out_dispatch"))
+
+        def unplug():
+            nl.delete_link(hv, NEW_PORT)
+            wait_for(lambda: not bound(), "the agent to unbind")
+            wait_for(lambda: (agent.state_json() or {}).get("leftover_ports") == [NEW_PORT], "the leftover in the agent state")
+
+        def probe(ns: str, mac: str, ip: str) -> dict:
+            eps = {"g": (ns, "eth0"), "app": lab.sink("app")}
+            with ProbeSession(eps, eps, settle=0.4) as s:
+                return s.run([(str(port), "g", Probe(kind="tcp", src_mac=mac, dst_mac=app.mac, src_ip=ip, dst_ip=app.ip4, dport=port), ["app"])
+                              for port in (5000, 6000)])
+
+        _plug(lab, lab.prefix + "new")
+        wait_for(bound, "the agent to bind the tap")
+        assert new_range in elems(live_table(hv), "out_open4")
+        unplug()
+        table = live_table(hv)
+        # the range stays, unreachable: no dispatch element for the port, no identity
+        assert new_range in elems(table, "out_open4")
+        assert not any(e["concat"][0] == NEW_PORT for name in ("port_types", "port_ip4", "out_open4_x", "bound_ports")
+                       for e in elems(table, name))
+        assert any("leave 1 interval-set elements of vnet19" in c for l in agent.logs() if l["event"] == "applied"
+                   for c in l.get("changes", ()))
+
+        # the same guest back on its port: the range is kept, not re-added, and allowed
+        _plug(lab, lab.prefix + "new2")
+        wait_for(bound, "the agent to bind the tap again")
+        wait_for(lambda: (agent.state_json() or {}).get("leftover_ports") == [], "no leftover once bound")
+        assert probe(lab.prefix + "new2", NEW_MAC, NEW_IP) == {"5000": {"app": True}, "6000": {"app": False}}
+        unplug()
+
+        # another guest's tap under the same name: newvm's range goes in its bind's transaction
+        _plug(lab, lab.prefix + "oth", mac=OTHER_MAC, tap_mac=OTHER_TAP_MAC)
+        wait_for(bound, "the agent to bind the other guest's tap")
+        binds = [l for l in agent.logs() if l["event"] == "applied" and "link-new" in l.get("reasons", ())]
+        assert f"delete out_open4 {json.dumps(new_range, sort_keys=True)}" in binds[-1]["changes"], binds[-1]
+        table = live_table(hv)
+        assert new_range not in elems(table, "out_open4") and other_range in elems(table, "out_open4")
+        assert probe(lab.prefix + "oth", OTHER_MAC, OTHER_IP) == {"5000": {"app": False}, "6000": {"app": True}}
+        assert not any(l["event"] == "leftover-collected" for l in agent.logs()), "collected before the test's binds: too slow a machine for 10 s"
+
+        # unbound again; once the agent is quiet the leftover is deleted and read back
+        unplug()
+
+        def collected(n):
+            return wait_for(lambda: (c := [l for l in agent.logs() if l["event"] == "leftover-collected"])[n:] and c[n],
+                            "the collection", timeout=40)
+        done = collected(0)
+        assert (done["ports"], done["elements"], done["txn"]) == ([NEW_PORT], 1, "nfnetlink"), done
+        assert other_range not in elems(live_table(hv), "out_open4")
+        wait_for(lambda: agent.state_json().get("leftover_ports") == [], "no leftover in the agent state")
+        plan = nsrun(hv, PY, "-m", "segguard.cli", "plan", "-c", str(cfg))
+        assert plan.returncode == 0, plan.stdout + plan.stderr  # the kernel holds a fresh compile
+
+        # two ports' leftovers: one replace of the table with the plan in force
+        for ns, mac, tap, port in (("new3", NEW_MAC, NEW_TAP_MAC, "vnet20"), ("oth2", OTHER_MAC, OTHER_TAP_MAC, "vnet21")):
+            _plug(lab, lab.prefix + ns, mac=mac, tap_mac=tap, port=port)
+            wait_for(lambda: any(e[0] == port for e in elems(live_table(hv), "out_dispatch")), f"the agent to bind {port}")
+            nl.delete_link(hv, port)
+        wait_for(lambda: (agent.state_json() or {}).get("leftover_ports") == ["vnet20", "vnet21"], "two ports' leftovers")
+        # status says so, and judges the kernel in sync with what the agent holds
+        st = wait_for(lambda: (r := agent.cli("status", "-c", str(cfg))).returncode == 0 and "2 unbound port(s) (vnet20, vnet21)" in r.stdout and r,
+                      "status to report the leftovers", diag=lambda: agent.cli("status", "-c", str(cfg)).stdout)
+        assert "not deleted yet: no dispatch element reaches them" in st.stdout and "realized == desired" in st.stdout
+        js = json.loads(agent.cli("status", "-c", str(cfg), "--json").stdout)
+        assert (js["in_sync"], js["leftover_elements"], js["drift"]) == (True, 2, []), js
+        done = collected(1)
+        assert (done["ports"], done["elements"], done["txn"]) == (["vnet20", "vnet21"], 2, "replace"), done
+        plan = nsrun(hv, PY, "-m", "segguard.cli", "plan", "-c", str(cfg))
+        assert plan.returncode == 0, plan.stdout + plan.stderr
+        assert not any(e["concat"][0] in ("vnet20", "vnet21") for e in elems(live_table(hv), "out_open4"))
+
+        # a restart finds leftovers in the kernel: past a few interval-set deletes its
+        # first road replaces the table instead of deleting them one by one
+        many = ", ".join(f'"{p}-{p + 1}"' for p in range(7000, 7060, 3))  # 20 disjoint ranges
+        (cfg / "profiles" / "manyvm.yaml").write_text(
+            _ranged("manyvm", "52:54:00:aa:00:0b", "10.30.0.22", "1-2").replace('["1-2"]', f"[{many}]"))
+        wait_for(lambda: "52:54:00:aa:00:0b" in elems(live_table(hv), "legacy_macs"), "the new profile in force")
+        _plug(lab, lab.prefix + "many", mac="52:54:00:aa:00:0b", tap_mac="fe:54:00:aa:00:0b", port="vnet22")
+        wait_for(lambda: sum(e["concat"][0] == "vnet22" for e in elems(live_table(hv), "out_open4")) == 20, "the bind")
+        nl.delete_link(hv, "vnet22")
+        wait_for(lambda: (agent.state_json() or {}).get("leftover_ports") == ["vnet22"], "its leftovers")
+        agent.stop()
+        assert sum(e["concat"][0] == "vnet22" for e in elems(live_table(hv), "out_open4")) == 20
+        _port[0] += 1
+        agent = AgentProc(hv, cfg, tmp_path / "state", tmp_path / "agent2.log", _port[0]).start()
+        first = next(l for l in agent.logs() if l["event"] == "applied")
+        assert (first["kind"], first["reasons"]) == ("full", ["start"]), first
+        plan = nsrun(hv, PY, "-m", "segguard.cli", "plan", "-c", str(cfg))
+        assert plan.returncode == 0, plan.stdout + plan.stderr
+    finally:
+        agent.stop()
+
+
 def test_table_deleted_by_hand_is_repaired_logged_and_counted(lab, agent):
     hv = lab.topology.hv_ns
     good = live_table(hv)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from segguard.agent.schedule import BoundedRunner, Periodic, Scheduler
 
 
@@ -181,3 +183,18 @@ def test_the_drift_childs_link_answer_resyncs_the_table(tmp_path):
     a._checker = (pid, r, a.rec.generation, 0.0)
     a._drift_answer()
     assert a.links.snapshots == 1 and a.runner.pending == {"link-resync"} and a._checker is None
+
+
+def test_when_quiet_waits_for_a_lull():
+    from segguard.agent.schedule import WhenQuiet
+
+    runs = []
+    q = WhenQuiet(lambda: runs.append(1), quiet=2.0)
+    assert not q.maybe_run(5.0) and q.deadline() is None  # never touched: never runs
+    q.touch(0.0)
+    q.touch(1.5)  # a reconcile meanwhile starts the quiet period over
+    assert not q.maybe_run(3.0) and q.deadline() == 3.5
+    assert q.maybe_run(3.5) and q.deadline() is None and runs == [1]
+    assert not q.maybe_run(10.0)  # once per lull
+    q.touch(11.0, at_once=True)
+    assert q.deadline() == 11.0 and q.maybe_run(11.0) and runs == [1, 1]
