@@ -485,12 +485,16 @@ def strip_inert_leftovers(realized: list[dict[str, Any]], ports: set[str] | list
     return out, n
 
 
-def collect_delta(live: LiveElements, port: str) -> ElementDelta:
-    """The deletes of one unbound port's leftovers."""
+def collect_delta(live: LiveElements, ports: list[str]) -> ElementDelta:
+    """The deletes of unbound ports' leftovers."""
     names = sorted(live.kind)
-    left = live.leftover[port]
-    return ElementDelta({n: live.kind[n] for n in names}, tuple((n, tuple(left.get(n, ()))) for n in names),
+    delete = {n: [e for p in ports for e in live.leftover[p].get(n, ())] for n in names}
+    return ElementDelta({n: live.kind[n] for n in names}, tuple((n, tuple(delete[n])) for n in names),
                         tuple((n, ()) for n in names))
+
+
+def interval_elements(live: LiveElements) -> int:
+    return sum(len(live.elems[name]) for name in live.kind if name in INTERVAL_SETS)
 
 
 # ---- deltas straight over nfnetlink (apply/nfnl.py, nfnl_chains.py say why) -------

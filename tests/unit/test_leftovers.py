@@ -113,7 +113,7 @@ def test_an_unbind_leaves_only_interval_elements_and_a_collection_removes_them(c
     assert live.leftover == {PORT: {"out_open4": range_elem}}
     _no_leftover_behind_a_dispatch(live)
 
-    gc = collect_delta(live, PORT)
+    gc = collect_delta(live, [PORT])
     live.apply(gc)
     del live.leftover[PORT]
     assert _view(live, p0) == Fingerprint.of(list(p0.nft))
