@@ -242,19 +242,25 @@ def _identity(t: _Table, c: str, v: _Verdicts) -> None:
            "neighbour advertisements: only for the guest's own addresses")
 
 
+# Every ND chain loads the same words of the ICMPv6 body and ends in the same rule: one
+# copy of those expressions serves all of them, as fragments.COUNTER does every rule
+# (plan objects are never changed in place). At 1,000 guests they were ~2.7 MB.
+_RETURN = {"return": None}
+_ND_WORDS = tuple(f.raw_payload("th", 64 + 32 * i, 32) for i in range(4))
+_ND_LINKLOCAL = (f.match(f.bitand(f.raw_payload("th", 64, 16), 0xFFC0), 0xFE80), _RETURN)
+
+
 def _nd_chain(t: _Table, b: Binding, v: _Verdicts) -> None:
     """A neighbour advertisement for an address that is not its own is the IPv6 form of
     ARP spoofing. libnftables 1.0 has no typed field for the ND target (nor a raw
     payload in a set key), so it is compared as four 32-bit words of the ICMPv6 body,
     in a chain per IPv6 guest, reached only by advertisements."""
     nd = t.chain(f"nd_{ident(b.guest)}")
-    for addr in list(b.ipv6) + ["fe80::"]:
+    for addr in b.ipv6:
         words = netaddr.IPAddress(addr).value
         parts = [(words >> (96 - 32 * i)) & 0xFFFFFFFF for i in range(4)]
-        if addr == "fe80::":  # any link-local target: fe80::/10
-            t.rule(nd, [f.match(f.bitand(f.raw_payload("th", 64, 16), 0xFFC0), 0xFE80), {"return": None}])
-        else:
-            t.rule(nd, [*(f.match(f.raw_payload("th", 64 + 32 * i, 32), p) for i, p in enumerate(parts)), {"return": None}])
+        t.rule(nd, [*(f.match(_ND_WORDS[i], p) for i, p in enumerate(parts)), _RETURN])
+    t.rule(nd, list(_ND_LINKLOCAL))  # any link-local target: fe80::/10
     t.rule(nd, v.drop("nd-spoof"), "neighbour advertisement for an address that is not the guest's")
 
 
