@@ -366,6 +366,7 @@ class Agent:
     # -- main loop -------------------------------------------------------------------------
     def run(self) -> int:
         from segguard.agent.events import ConfigWatcher, LinkMonitor, NftMonitor
+        from segguard.apply.nftables import NftablesApplier
 
         self.log.info("agent-start", pid=os.getpid(), config=str(self.rec.config_dir or "/etc/segguard"))
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -382,6 +383,8 @@ class Agent:
         try:
             self.nftmon = NftMonitor()
             sel.register(self.nftmon, selectors.EVENT_READ, "nft")
+            if isinstance(self.rec.applier, NftablesApplier):
+                self.rec.applier.quiet = self.nftmon.quiet
         except OSError as exc:
             self.log.warning("nft-monitor-unavailable", error=str(exc), fallback="periodic drift check only")
         config_dir = Path(self.rec.config_dir or os.environ.get("SEGGUARD_CONFIG") or "/etc/segguard")
@@ -413,6 +416,9 @@ class Agent:
         _sd_notify("READY=1")
         self.log.info("agent-ready", table_present=self.rec.table_present, guests=len(self.rec.bindings))
         while not self.stop:
+            nftmon = getattr(self, "nftmon", None)
+            if nftmon is not None and nftmon.take_missed():  # committed while we did not listen
+                self.runner.request("nft-change")
             for key, _ in sel.select(self.sched.timeout(time.monotonic())):
                 try:
                     if key.data == "link":

@@ -14,6 +14,7 @@ reports lost events; the agent then reconciles everything.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -142,7 +143,7 @@ class LinkMonitor:
 NETLINK_NETFILTER = 12
 NFNLGRP_NFTABLES = 7
 SOL_NETLINK = 270
-NETLINK_ADD_MEMBERSHIP = 1
+NETLINK_ADD_MEMBERSHIP, NETLINK_DROP_MEMBERSHIP = 1, 2
 
 
 NFNL_SUBSYS_NFTABLES = 10
@@ -177,6 +178,10 @@ def newgen_pids(data: bytes) -> list[int | None]:
     return out
 
 
+class _Quiet:
+    commits = 0  # what the body committed while out of the group
+
+
 class NftMonitor:
     """nftables commits in this namespace made by anyone but this process.
 
@@ -203,6 +208,7 @@ class NftMonitor:
         self.overflows = 0
         self.own = own_pids if own_pids is not None else {os.getpid()}
         self.own_generations = 0
+        self.missed = 0  # foreign commits made while we were out of the group (quiet)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -227,6 +233,37 @@ class NftMonitor:
                     self.own_generations += 1
                 else:
                     n += 1
+
+    @contextlib.contextmanager
+    def quiet(self, nfnl_sock):
+        """Out of the group for the commit of one of our own large transactions. The
+        kernel writes a notification of every object to each listener: with us
+        listening, a 1,000-guest replace (~60,000 objects) took the kernel 0.3-0.8 s
+        instead of 0.17 s, and we then read them all. A foreign commit meanwhile must
+        still be seen: every commit advances the generation by one, so a step of more
+        than the commits the body declares (`.commits += 1` once the kernel accepted
+        one) counts as missed, as does a generation that cannot be read."""
+        window = _Quiet()
+        try:
+            before = nfnl_sock.generation()
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_DROP_MEMBERSHIP, NFNLGRP_NFTABLES)
+        except OSError:  # then listen through it, as without quiet
+            yield window
+            return
+        try:
+            yield window
+        finally:
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+            try:
+                step = (nfnl_sock.generation() - before) % (1 << 32)
+            except OSError:
+                step = None
+            if step is None or step > window.commits:
+                self.missed += 1
+
+    def take_missed(self) -> int:
+        n, self.missed = self.missed, 0
+        return n
 
     def close(self) -> None:
         self.sock.close()

@@ -31,6 +31,7 @@ NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFT_MSG_NEWSETELEM, NFT_MSG_GETSETELEM, NFT_MSG_DELSETELEM = 12, 13, 14
+NFT_MSG_GETGEN, NFTA_GEN_ID = 16, 1
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP, NLM_F_CREATE = 0x1, 0x4, 0x300, 0x400
 SO_SNDBUFFORCE = 32
@@ -576,6 +577,14 @@ class NfnlSocket:
         if data is None:
             raise NetlinkError(errno.ETIMEDOUT, f"{what}: {unanswered}")
         return data
+
+    def generation(self) -> int:
+        """The ruleset's generation id: every commit in the namespace advances it by one."""
+        bodies = self.request(NFT_MSG_GETGEN, socket.AF_UNSPEC, b"", "get the ruleset generation")
+        ids = parse_attrs(bodies[0], _NFGEN.size).get(NFTA_GEN_ID) if bodies else None
+        if not ids or len(ids[0]) != 4:
+            raise NetlinkError(errno.EPROTO, "get the ruleset generation: no generation id in the answer")
+        return struct.unpack(">I", ids[0])[0]
 
     def request(self, mtype: int, family: int, payload: bytes, what: str, dump: bool = False) -> list[bytes] | None:
         """One get (or, with `dump`, a dump filtered by `payload`): the answers' bodies,

@@ -6,11 +6,12 @@ are not listed, flushed or changed, and removing segguard is deleting its table.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 from segguard.errors import ApplyError, SegguardError
 from segguard.gcpause import gc_paused
@@ -213,6 +214,9 @@ class NftablesApplier:
         self._sock = None
         self.road = ""  # how the last apply went: "nfnetlink" | "libnftables" | ""
         self.unencodable = ""  # why the last apply could not take the nfnetlink road
+        # around the replace's commit and read-back: sock -> context manager (the
+        # agent's NftMonitor.quiet: it stops listening to our own notifications)
+        self.quiet: Callable[[Any], ContextManager[Any]] | None = None
 
     def realized(self, table: str) -> list[dict[str, Any]] | None:
         """Everything of ours in the kernel; None when the policy table is absent."""
@@ -253,15 +257,18 @@ class NftablesApplier:
                 same = False  # what cannot be read is replaced
             if same:
                 return False
-            try:
-                sock.send(batch)
-            except nfnl.NetlinkError as exc:
-                raise ApplyError(f"kernel refused the segguard table: {exc.strerror}", batch=replace_batch(plan),
-                                 kernel_error=str(exc)) from exc
-            try:
-                after = nfnl_table.problems(sock, expected)
-            except nfnl.NetlinkError as exc:
-                after = [f"cannot read the table back: {exc.strerror}"]
+            with self.quiet(sock) if self.quiet else contextlib.nullcontext() as window:
+                try:
+                    sock.send(batch)
+                except nfnl.NetlinkError as exc:
+                    raise ApplyError(f"kernel refused the segguard table: {exc.strerror}", batch=replace_batch(plan),
+                                     kernel_error=str(exc)) from exc
+                if window is not None:
+                    window.commits += 1
+                try:
+                    after = nfnl_table.problems(sock, expected)
+                except nfnl.NetlinkError as exc:
+                    after = [f"cannot read the table back: {exc.strerror}"]
         if after is None or after:
             raise ApplyError("read-back of table bridge %s differs from the plan" % plan.table,
                              batch=replace_batch(plan), details=after or ["the table is absent after the commit"])
