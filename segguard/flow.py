@@ -15,7 +15,7 @@ from typing import Iterator
 from segguard.compile import compile_plan
 from segguard.config.validate import Config, load_config
 from segguard.host import HostFacts
-from segguard.plan import TABLE, Plan
+from segguard.plan import TABLE, Plan, compact_json
 
 STATE_DIR = Path(os.environ.get("SEGGUARD_STATE", "/run/segguard"))
 
@@ -111,7 +111,8 @@ def record_applied(plan: Plan) -> None:
     d = _ns_state_dir()
     d.mkdir(parents=True, exist_ok=True)
     tmp = d / "applied.json.tmp"
-    tmp.write_text(plan.to_json())
+    with open(tmp, "w") as fh:
+        fh.writelines(compact_json(plan))  # the indented form took 0.6 s at 1,000 guests
     tmp.replace(d / "applied.json")
 
 

@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any, Iterable
 
-from segguard.plan import Binding, Plan
+from segguard.plan import Binding, Plan, compact_json
 
 STATE_NAME = "agent"
 
@@ -25,33 +25,11 @@ def _replace(name: str, text: str | Iterable[str]) -> None:
     tmp.replace(d / name)
 
 
-# objects of the plan's nft list encoded per piece of the file
-_CHUNK = 2000
-
-
-def applied_json(plan: Plan) -> Iterable[str]:
-    """json.dumps(plan.to_dict(), separators=(",", ":")) + newline, in pieces: the whole
-    text of a 1,000-guest plan (1.3-4.5 MB, twice that while the encoder grows it) had
-    been the agent's memory peak at its start."""
-    sep = (",", ":")
-    yield "{"
-    for n, (key, value) in enumerate(plan.to_dict().items()):
-        yield ("," if n else "") + json.dumps(key) + ":"
-        if key != "nft":
-            yield json.dumps(value, separators=sep)
-            continue
-        yield "["
-        for i in range(0, len(value), _CHUNK):
-            yield ("," if i else "") + json.dumps(value[i:i + _CHUNK], separators=sep)[1:-1]
-        yield "]"
-    yield "}\n"
-
-
 def write_applied(plan: Plan) -> None:
     """flow.record_applied's file (the hook and `status` read it), written compact: the
     indented form goes through json's pure-Python encoder, seconds for a 1,000-guest
     plan, and the agent writes it after every change."""
-    _replace("applied.json", applied_json(plan))
+    _replace("applied.json", compact_json(plan))
 
 
 def write_agent_state(data: dict[str, Any]) -> None:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from segguard.agent import state
-from segguard.agent.state import applied_json, plan_from_dict, write_applied
+from segguard import plan as plan_module
+from segguard.agent.state import plan_from_dict, write_applied
+from segguard.plan import compact_json as applied_json
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 
@@ -37,7 +38,7 @@ class _Big:
         return self.d
 
 
-@pytest.mark.parametrize("n", [0, 1, state._CHUNK - 1, state._CHUNK, state._CHUNK + 1, 3 * state._CHUNK + 7])
+@pytest.mark.parametrize("n", [0, 1, plan_module._CHUNK - 1, plan_module._CHUNK, plan_module._CHUNK + 1, 3 * plan_module._CHUNK + 7])
 def test_the_pieces_join_to_json_dumps_across_piece_boundaries(n):
     big = _Big(n)
     text = "".join(applied_json(big))
