@@ -274,6 +274,34 @@ class NftablesApplier:
                              batch=replace_batch(plan), details=after or ["the table is absent after the commit"])
         return True
 
+    def rebuild(self, plan: Plan, sets: set[str]) -> None:
+        """Re-create the bridge sets `sets` with the plan's elements in one transaction
+        (nfnl_table._rebuild says why and how), then read back what it wrote. The rest
+        of the table must already be the plan's: the caller knows it is. Raises
+        Unencodable before sending anything, ApplyError when refused or differing."""
+        from segguard.apply import nfnl, nfnl_table
+
+        with gc_paused():
+            batch, expected = nfnl_table.replace(plan, rebuild=set(sets))
+            if self._sock is None:
+                self._sock = nfnl.NfnlSocket()
+            sock = self._sock
+            with self.quiet(sock) if self.quiet else contextlib.nullcontext() as window:
+                try:
+                    sock.send(batch)
+                except nfnl.NetlinkError as exc:
+                    raise ApplyError(f"kernel refused the rebuild of sets {', '.join(sorted(sets))}: {exc.strerror}",
+                                     kernel_error=str(exc)) from exc
+                if window is not None:
+                    window.commits += 1
+                try:
+                    after = nfnl_table.problems(sock, expected)
+                except nfnl.NetlinkError as exc:
+                    after = [f"cannot read the sets back: {exc.strerror}"]
+        if after is None or after:
+            raise ApplyError(f"read-back of the rebuilt sets of table bridge {plan.table} differs from the plan",
+                             details=after or ["the table is absent after the commit"])
+
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()

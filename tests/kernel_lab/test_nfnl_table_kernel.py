@@ -1,7 +1,8 @@
 """The full replace over nfnetlink (segguard/apply/nfnl_table.py) on Debian's 6.1
 kernel, and with the stateful plan (`ct state` rules) the host kernel cannot load:
 the kernel holds what libnftables writes for the same plan, NftablesApplier takes
-that road, the read-back sees tampering and apply repairs it."""
+that road, the read-back sees tampering and apply repairs it, and a rebuild of the
+interval sets leaves exactly the target plan."""
 from __future__ import annotations
 
 import pytest
@@ -29,3 +30,9 @@ def test_apply_takes_the_nfnetlink_road_on_the_lab_kernel(ns, tmp_path):
 @pytest.mark.parametrize("what", ["element", "rule", "netdev"])
 def test_tampering_is_seen_and_repaired_on_the_lab_kernel(ns, tmp_path, what):
     t.check_tampering(t.full_plan("lab-example", tmp_path), what)
+
+
+def test_a_rebuild_leaves_exactly_the_target_plan_on_the_lab_kernel(ns, tmp_path):
+    plan = t.full_plan("stateful", tmp_path)
+    assert plan.stateful
+    t.check_rebuild(plan)

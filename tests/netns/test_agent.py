@@ -324,8 +324,8 @@ def test_an_unbind_leaves_inert_leftovers_a_bind_of_the_port_settles_them_and_a_
         assert plan.returncode == 0, plan.stdout + plan.stderr  # the kernel holds a fresh compile
 
         # a busy guest stays bound (320 ranges: interval-set elements beside the leftovers
-        # that follow), so two ports' leftovers are collected by one replace of the
-        # table with the plan in force
+        # that follow); two ports' leftovers are collected by one rebuild of the sets
+        # that hold them, which keeps the busy guest's elements and every rule
         many = ", ".join(f'"{p}-{p + 1}"' for p in range(7000, 7000 + 3 * 320, 3))
         (cfg / "profiles" / "manyvm.yaml").write_text(
             _ranged("manyvm", "52:54:00:aa:00:0b", "10.30.0.22", "1-2").replace('["1-2"]', f"[{many}]"))
@@ -347,7 +347,7 @@ def test_an_unbind_leaves_inert_leftovers_a_bind_of_the_port_settles_them_and_a_
         js = json.loads(agent.cli("status", "-c", str(cfg), "--json").stdout)
         assert (js["in_sync"], js["leftover_elements"], js["drift"]) == (True, 2, []), js
         done = collected(1)
-        assert (done["ports"], done["elements"], done["txn"]) == (["vnet20", "vnet21"], 2, "replace"), done
+        assert (done["ports"], done["elements"], done["txn"]) == (["vnet20", "vnet21"], 2, "rebuild"), done
         plan = nsrun(hv, PY, "-m", "segguard.cli", "plan", "-c", str(cfg))
         assert plan.returncode == 0, plan.stdout + plan.stderr
         assert not any(e["concat"][0] in ("vnet20", "vnet21") for e in elems(live_table(hv), "out_open4"))

@@ -252,3 +252,57 @@ def test_other_tables_neither_disturb_the_read_back_nor_are_touched(ns, tmp_path
     before = {f: nft.list_table("sgt_foreign", f) for f in ("bridge", "netdev")}
     check_apply_road(plan)
     assert {f: nft.list_table("sgt_foreign", f) for f in ("bridge", "netdev")} == before
+
+
+def test_a_rebuild_rewrites_its_sets_and_their_chains_and_nothing_else(ns, tmp_path):
+    check_rebuild(full_plan("lab-example", tmp_path))
+
+
+def check_rebuild(wide: Plan) -> None:
+    """NftablesApplier.rebuild of the interval sets (how the agent collects leftovers)
+    to fewer elements: afterwards the whole table is exactly the target plan; the
+    partial read-back sees a changed element; a refused rebuild changes nothing."""
+    from segguard.compile.policy import INTERVAL_SETS
+
+    make_ports(wide)
+    names = {o["set"]["name"] for o in wide.nft if "set" in o and o["set"]["name"] in INTERVAL_SETS}
+    # every other element of each interval set goes (what a collection of leftovers does)
+    target = Plan(wide.table, wide.stateful, wide.bindings, tuple(
+        {"set": {**o["set"], "elem": o["set"]["elem"][::2]}} if "set" in o and o["set"]["name"] in names and o["set"].get("elem")
+        else o for o in wide.nft))
+    assert sum(len(o["set"].get("elem", [])) for o in target.nft if "set" in o and o["set"]["name"] in names) < \
+        sum(len(o["set"].get("elem", [])) for o in wide.nft if "set" in o and o["set"]["name"] in names)
+    applier = NftablesApplier()
+    sock = nfnl.NfnlSocket()
+    try:
+        assert applier.apply(wide)
+        applier.rebuild(target, names)
+        # the whole table is now exactly the target: every set, chain and rule in order
+        _batch, whole = nfnl_table.replace(target)
+        assert nfnl_table.problems(sock, whole) == []
+        assert applier.apply(target) is False
+
+        # the partial read-back sees a changed element of a rebuilt set
+        _batch, part = nfnl_table.replace(target, rebuild=names)
+        assert part.partial and set(part.sets) == names and part.rules
+        left = next(o["set"] for o in target.nft if "set" in o and o["set"]["name"] in names and o["set"].get("elem"))
+        applier.nft.run({"nftables": [{"delete": {"element": {"family": "bridge", "table": target.table,
+                                                               "name": left["name"], "elem": [left["elem"][0]]}}}]}, "tamper")
+        assert nfnl_table.problems(sock, part) == [f"set {left['name']}: its elements differ"]
+        applier.rebuild(target, names)
+        assert nfnl_table.problems(sock, whole) == []
+
+        # a rebuild the kernel refuses changes nothing
+        bad = []
+        for o in target.nft:
+            if "map" in o and o["map"]["name"] == "in_dispatch":
+                o = {"map": {**o["map"], "elem": [*o["map"].get("elem", []), ["vnet99", {"goto": {"target": "no_such_chain"}}]]}}
+            bad.append(o)
+        with pytest.raises(ApplyError):
+            applier.rebuild(Plan(target.table, target.stateful, target.bindings, tuple(bad)), names | {"in_dispatch"})
+        assert nfnl_table.problems(sock, whole) == []
+        with pytest.raises(nfnl.Unencodable):
+            nfnl_table.replace(target, rebuild={"no_such_set"})
+    finally:
+        sock.close()
+        applier.close()
