@@ -247,9 +247,7 @@ class NftablesApplier:
 
         with gc_paused():  # ~10^5 short-lived byte strings and no cycles among them
             batch, expected = nfnl_table.replace(plan)
-            if self._sock is None:
-                self._sock = nfnl.NfnlSocket()
-            sock = self._sock
+            sock = self._socket()
             self.road = "nfnetlink"
             try:
                 same = nfnl_table.problems(sock, expected) == []
@@ -257,18 +255,7 @@ class NftablesApplier:
                 same = False  # what cannot be read is replaced
             if same:
                 return False
-            with self.quiet(sock) if self.quiet else contextlib.nullcontext() as window:
-                try:
-                    sock.send(batch)
-                except nfnl.NetlinkError as exc:
-                    raise ApplyError(f"kernel refused the segguard table: {exc.strerror}", batch=replace_batch(plan),
-                                     kernel_error=str(exc)) from exc
-                if window is not None:
-                    window.commits += 1
-                try:
-                    after = nfnl_table.problems(sock, expected)
-                except nfnl.NetlinkError as exc:
-                    after = [f"cannot read the table back: {exc.strerror}"]
+            after = self._commit(sock, batch, expected, "kernel refused the segguard table", lambda: replace_batch(plan))
         if after is None or after:
             raise ApplyError("read-back of table bridge %s differs from the plan" % plan.table,
                              batch=replace_batch(plan), details=after or ["the table is absent after the commit"])
@@ -279,28 +266,42 @@ class NftablesApplier:
         (nfnl_table._rebuild says why and how), then read back what it wrote. The rest
         of the table must already be the plan's: the caller knows it is. Raises
         Unencodable before sending anything, ApplyError when refused or differing."""
-        from segguard.apply import nfnl, nfnl_table
+        from segguard.apply import nfnl_table
 
         with gc_paused():
             batch, expected = nfnl_table.replace(plan, rebuild=set(sets))
-            if self._sock is None:
-                self._sock = nfnl.NfnlSocket()
-            sock = self._sock
-            with self.quiet(sock) if self.quiet else contextlib.nullcontext() as window:
-                try:
-                    sock.send(batch)
-                except nfnl.NetlinkError as exc:
-                    raise ApplyError(f"kernel refused the rebuild of sets {', '.join(sorted(sets))}: {exc.strerror}",
-                                     kernel_error=str(exc)) from exc
-                if window is not None:
-                    window.commits += 1
-                try:
-                    after = nfnl_table.problems(sock, expected)
-                except nfnl.NetlinkError as exc:
-                    after = [f"cannot read the sets back: {exc.strerror}"]
+            refused = f"kernel refused the rebuild of sets {', '.join(sorted(sets))}"
+            after = self._commit(self._socket(), batch, expected, refused)
         if after is None or after:
             raise ApplyError(f"read-back of the rebuilt sets of table bridge {plan.table} differs from the plan",
                              details=after or ["the table is absent after the commit"])
+
+    def _socket(self):
+        from segguard.apply import nfnl
+
+        if self._sock is None:
+            self._sock = nfnl.NfnlSocket()
+        return self._sock
+
+    def _commit(self, sock, batch, expected, refused: str, as_json: Callable[[], Any] | None = None) -> list[str] | None:
+        """Send one nfnetlink batch (out of the agent's monitor group, when it set
+        `quiet`), then what the read-back of `expected` found different. Raises
+        ApplyError, with the equivalent libnftables JSON when `as_json` gives it,
+        when the kernel refuses the batch."""
+        from segguard.apply import nfnl, nfnl_table
+
+        with self.quiet(sock) if self.quiet else contextlib.nullcontext() as window:
+            try:
+                sock.send(batch)
+            except nfnl.NetlinkError as exc:
+                raise ApplyError(f"{refused}: {exc.strerror}", batch=as_json() if as_json else None,
+                                 kernel_error=str(exc)) from exc
+            if window is not None:
+                window.commits += 1
+            try:
+                return nfnl_table.problems(sock, expected)
+            except nfnl.NetlinkError as exc:
+                return [f"cannot read the table back: {exc.strerror}"]
 
     def close(self) -> None:
         if self._sock is not None:
