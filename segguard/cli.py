@@ -155,21 +155,24 @@ def status(config: Optional[Path] = ConfigOpt, as_json: bool = JsonOpt) -> None:
             raise
         p, hf = plan_from_dict(prev), HostFacts(bridge_conntrack=bool(prev.get("stateful")))
     applier = NftablesApplier()
-    realized = applier.realized(p.table)
     leftover = 0
-    if realized is not None and agent and agent.get("leftover_ports"):
-        # what the agent left of unbound ports (inert: no dispatch element in this very
-        # listing reaches them) is not drift; anything else still is
-        from segguard.apply.incremental import strip_inert_leftovers
+    if applier.holds_exactly(p):  # the common case, told from dumps without a listing
+        present, diff, live_stateful = True, diff_objects([], []), uses_conntrack(list(p.nft))
+    else:
+        realized = applier.realized(p.table)
+        if realized is not None and agent and agent.get("leftover_ports"):
+            # what the agent left of unbound ports (inert: no dispatch element in this very
+            # listing reaches them) is not drift; anything else still is
+            from segguard.apply.incremental import strip_inert_leftovers
 
-        realized, leftover = strip_inert_leftovers(realized, agent["leftover_ports"])
-    diff = diff_objects(list(p.nft), realized)
-    live_stateful = None if realized is None else uses_conntrack(realized)
+            realized, leftover = strip_inert_leftovers(realized, agent["leftover_ports"])
+        diff = diff_objects(list(p.nft), realized)
+        present, live_stateful = realized is not None, None if realized is None else uses_conntrack(realized)
     from segguard.audit import vlan_status, vlan_status_lines
 
     vlans = vlan_status(p)
     data = {
-        "table": p.table, "table_present": realized is not None, "in_sync": diff.empty and realized is not None and vlans["in_sync"],
+        "table": p.table, "table_present": present, "in_sync": diff.empty and present and vlans["in_sync"],
         "reply_mode_live": None if live_stateful is None else ("stateful (ct state)" if live_stateful else "stateless"),
         "conntrack_bridge_available": hf.bridge_conntrack,
         "vlan_layer": "missing: kernel lacks bridge VLAN filtering" if not hf.vlan_filtering else vlans["layer"],
@@ -185,7 +188,7 @@ def status(config: Optional[Path] = ConfigOpt, as_json: bool = JsonOpt) -> None:
         _out(json.dumps(data, indent=2, sort_keys=True))
     else:
         console.print(bindings_table(p, "legacy guests (desired)"))
-        _out(f"table bridge {p.table}: {'present' if realized is not None else 'ABSENT'}; "
+        _out(f"table bridge {p.table}: {'present' if present else 'ABSENT'}; "
              f"{'realized == desired' if data['in_sync'] else 'DRIFT: ' + '; '.join(data['drift'][:5])}")
         _out(f"reply mode live: {data['reply_mode_live'] or '-'} (nf_conntrack_bridge {'available' if hf.bridge_conntrack else 'missing'})")
         for line in vlan_status_lines({**vlans, "layer": data["vlan_layer"]}):

@@ -226,7 +226,25 @@ class NftablesApplier:
         return policy + (self.nft.list_table(table, "netdev") or [])
 
     def diff(self, plan: Plan) -> TableDiff:
+        if self.holds_exactly(plan):
+            return TableDiff((), ())
         return diff_objects(list(plan.nft), self.realized(plan.table))
+
+    def holds_exactly(self, plan: Plan) -> bool:
+        """Whether the kernel holds `plan` exactly, judged from nfnetlink dumps as the
+        replace's read-back judges it (0.4 s at 1,000 guests; libnftables' listing and
+        its comparison take ~2 s). False also when that cannot be told that way: the
+        caller then lists the table to find out what differs."""
+        if not self.nfnetlink:
+            return False
+        from segguard.apply import nfnl, nfnl_table
+
+        try:
+            with gc_paused():
+                _batch, expected = nfnl_table.replace(plan)
+                return nfnl_table.problems(self._socket(), expected) == []
+        except (nfnl.Unencodable, nfnl.NetlinkError):
+            return False
 
     def apply(self, plan: Plan) -> bool:
         """Make the kernel hold `plan`. Returns False if it already did (nothing sent)."""

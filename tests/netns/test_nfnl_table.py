@@ -306,3 +306,24 @@ def check_rebuild(wide: Plan) -> None:
     finally:
         sock.close()
         applier.close()
+
+
+def test_holds_exactly_answers_from_dumps_and_diff_lists_only_when_it_says_no(ns, tmp_path, monkeypatch):
+    plan = full_plan("lab-example", tmp_path)
+    make_ports(plan)
+    applier = NftablesApplier()
+    try:
+        assert not applier.holds_exactly(plan), "no table yet"
+        assert applier.apply(plan)
+        listed = []
+        real = applier.realized
+        monkeypatch.setattr(applier, "realized", lambda table: listed.append(table) or real(table))
+        assert applier.holds_exactly(plan) and applier.diff(plan).empty
+        assert listed == [], "an exact table is told from dumps, not from a listing"
+        _tamper(applier.nft, plan, "element")
+        assert not applier.holds_exactly(plan)
+        d = applier.diff(plan)
+        assert listed == [plan.table] and [o["set"]["name"] for o in d.missing] == ["in_open4"], d.describe()
+        assert not NftablesApplier(nfnetlink=False).holds_exactly(plan), "the libnftables road lists"
+    finally:
+        applier.close()
