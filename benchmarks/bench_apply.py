@@ -51,7 +51,7 @@ def _delta_road(applier, incremental, plan, what: str):
     return t1 - t0, t_e - t_s, time.perf_counter() - t_e, len(delta.describe())
 
 
-def run_shape(shape: str, n: int, runs: int, ns: str, incremental) -> dict:
+def run_shape(shape: str, n: int, runs: int, ns: str, incremental, full_samples: int = 0) -> dict:
     from segguard.apply.nftables import NftablesApplier, replace_batch
     from segguard.compile import compile_plan
     from segguard.config.validate import load_config
@@ -70,6 +70,14 @@ def run_shape(shape: str, n: int, runs: int, ns: str, incremental) -> dict:
         base = compile_plan(cfg, facts_wo)
         rules = sum(1 for o in base.nft if "rule" in o)
         old_road = NftablesApplier(applier.nft, nfnetlink=False)
+        # where one run is all the edits can afford, the full apply (and its libnftables
+        # twin, for the ratio) still gets a median: these samples come first
+        for _ in range(max(0, full_samples - runs)):
+            applier.remove(base.table)
+            out["full_apply"].append(c.timed(lambda: applier.apply(base))[0])
+            assert applier.road == "nfnetlink", applier.unencodable
+            applier.remove(base.table)
+            out["full_apply_libnftables"].append(c.timed(lambda: old_road.apply(base))[0])
         for r in range(runs):
             applier.remove(base.table)
             t, _ = c.timed(lambda: applier.apply(base))
@@ -155,6 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--per-guest", type=int, nargs="*", default=DEFAULT_MATRIX["per-guest"])
     ap.add_argument("--shared", type=int, nargs="*", default=DEFAULT_MATRIX["shared"])
     ap.add_argument("--runs", type=int, default=3, help="runs per N; N >= 200 gets 1 (each costs tens of seconds)")
+    ap.add_argument("--full-samples", type=int, default=5,
+                    help="full-apply samples (nfnetlink and libnftables) per N, at least --runs; N >= 200 included")
     args = ap.parse_args(argv)
     c.require_root()
     incremental = importlib.util.find_spec("segguard.apply.incremental") is not None
@@ -166,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         for shape, ns_list in (("per-guest", args.per_guest), ("shared", args.shared)):
             for n in ns_list:
                 runs = args.runs if n < 200 else 1
-                results.append(run_shape(shape, n, runs, ns, inc_mod))
+                results.append(run_shape(shape, n, runs, ns, inc_mod, args.full_samples))
     rows = []
     for r in results:
         st = r["stats"]

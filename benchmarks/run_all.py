@@ -13,6 +13,7 @@ QUICK = {
     "compile": ["--n", "10", "100", "1000", "--runs", "2"],
     "apply": ["--per-guest", "10", "100", "--shared", "10", "100", "--runs", "2"],
     "forwarding": ["--rounds", "2", "--seconds", "3", "--rr", "1000"],
+    "forwarding-pinned": ["--rounds", "2", "--seconds", "3", "--rr", "1000", "--cpu", "1"],
     "verify": ["--runs", "1"],
     "nwfilter": ["--n", "5", "--runs", "1"],
     "plug": ["--guests", "10", "100", "--plugs", "20", "--idle-seconds", "5", "--budget", "60"],
@@ -26,7 +27,10 @@ def main() -> None:
     args = ap.parse_args()
     c.require_root()
     mods = {"compile": bench_compile, "apply": bench_apply, "forwarding": bench_forwarding,
-            "verify": bench_verify, "nwfilter": bench_nwfilter, "plug": bench_plug}
+            "forwarding-pinned": bench_forwarding, "verify": bench_verify, "nwfilter": bench_nwfilter, "plug": bench_plug}
+    # the pinned run: sender, receiver and the bridge's filtering on one core, the
+    # per-packet cost without the scheduler's noise (results/forwarding-cpu1.json)
+    full = {"forwarding-pinned": ["--cpu", "1"]}
     failed, spent = [], {}
     for name, mod in mods.items():
         if args.only and name not in args.only:
@@ -34,7 +38,7 @@ def main() -> None:
         print(f"\n######## {name} ########", flush=True)
         t = time.perf_counter()
         try:
-            mod.main(QUICK[name] if args.quick else [])
+            mod.main(QUICK[name] if args.quick else full.get(name, []))
         except Exception:  # noqa: BLE001 - one broken benchmark must not hide the others' figures
             traceback.print_exc()
             failed.append(name)
