@@ -18,8 +18,8 @@ on tcp/5201 and tcp/3389), sgb-fsrv (guest g00999 on port vnet999). Offloads (TS
 GRO, checksums, SG) are off on every veth end, so the filter sees every packet as sent.
 With --cpu K the sender and the receiver run on core K only: a veth delivers in the
 sender's context, so the bridge and its filters run there too and the figures are one
-core's cost per packet, without the scheduler moving work between the two cores (the
-unpinned run's samples spread over +-30 %, the pinned one's over +-5 %).
+core's cost per packet: every nanosecond of filtering is throughput lost, and the
+scheduler moves nothing between the two cores.
 
 The 1,000 guests share one profile; with one profile per guest the table is the same
 (per-guest policy is elements keyed by port either way), so the per-packet path is too."""

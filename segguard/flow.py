@@ -17,7 +17,7 @@ from segguard.config.validate import Config, load_config
 from segguard.host import HostFacts
 from segguard.plan import TABLE, Plan, compact_json
 
-STATE_DIR = Path(os.environ.get("SEGGUARD_STATE", "/run/segguard"))
+DEFAULT_STATE_DIR = "/run/segguard"  # SEGGUARD_STATE overrides it, read at each use
 
 
 _held = threading.local()
@@ -58,7 +58,9 @@ def _ns_state_dir() -> Path:
         ns = os.stat("/proc/self/ns/net").st_ino
     except OSError:
         ns = 0
-    return STATE_DIR / f"netns-{ns}"
+    # the environment at the time of use, not of import: a test's (or a caller's)
+    # SEGGUARD_STATE set after segguard.flow was imported still counts
+    return Path(os.environ.get("SEGGUARD_STATE", DEFAULT_STATE_DIR)) / f"netns-{ns}"
 
 
 def live_facts(config: Config) -> HostFacts:

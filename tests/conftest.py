@@ -4,13 +4,18 @@
   pointer to the runner; inside the lab they FAIL if the lab kernel lacks the features.
 * ``netns`` tests are skipped when not root.
 
-Fixtures belong in other conftest files; keep this one to the gating.
+Fixtures belong in other conftest files; keep this one to the gating, and to one
+piece of isolation: outside the kernel lab (whose /run dies with its VM) the session
+gets its own SEGGUARD_STATE, so no test writes locks or applied plans under the
+host's /run/segguard; a test that sets its own still does.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -50,12 +55,23 @@ def _bridge_vlan_filtering_works() -> bool:
             pass
 
 
+_state_dir: str | None = None
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
-    global _lab_missing
+    global _lab_missing, _state_dir
+    if not IN_LAB and "SEGGUARD_STATE" not in os.environ:
+        _state_dir = os.environ["SEGGUARD_STATE"] = tempfile.mkdtemp(prefix="sgt-state-")
     if IN_LAB:
         _lab_missing = [m for m in LAB_MODULES if not _module_present(m)]
         if not _bridge_vlan_filtering_works():
             _lab_missing.append("bridge vlan_filtering")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _state_dir is not None:
+        os.environ.pop("SEGGUARD_STATE", None)
+        shutil.rmtree(_state_dir, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -52,6 +52,7 @@ class Agent:
         self.metrics = Metrics()
         self.metrics_addr = metrics_addr
         self.rec = Reconciler(config_dir, self.log, self.metrics)
+        self.rec.load_in_child = True
         self.cfgwatch = None
         self.verify_results: dict = {}
         self.verifying: dict | None = None

@@ -233,3 +233,61 @@ def test_told_reload_still_reads_symlinked_files(cfgdir, tmp_path):
     site_target.write_text(SITE.replace("10.30.0.20", "10.30.0.21"))
     fourth = load_config(cfgdir, previous=third, changed=set())
     assert [str(p) for p in fourth.profiles[0].egress[0].peers] == ["10.30.0.21/32"]
+
+
+class _Log:
+    def __init__(self):
+        self.events = []
+
+    def info(self, event, **k):
+        self.events.append((event, k))
+    warning = error = info
+
+
+def test_the_agents_first_load_runs_in_a_child_and_is_the_same_config(cfgdir, monkeypatch):
+    """The first load is parsed in a fork and handed back pickled (its garbage stays in
+    the child); what arrives compiles to the plan a load in process gives, and the
+    next edit's reload reuses its unchanged profiles as it would its own."""
+    from segguard.agent import forked
+    from segguard.agent.reconcile import Reconciler
+
+    children = []
+    real = forked.result_of_child
+    monkeypatch.setattr(forked, "result_of_child", lambda fn: children.append(fn) or real(fn))
+    rec = Reconciler(cfgdir, _Log())
+    rec.load_in_child = True
+    assert rec.load() and len(children) == 1
+    fresh = load_config(cfgdir)
+    assert rec.config is not fresh
+    assert compile_plan(rec.config, HostFacts()).to_json() == compile_plan(fresh, HostFacts()).to_json()
+    first = rec.config
+    (cfgdir / "profiles" / "p2.yaml").write_text(prof(2, port=1434))
+    assert rec.load() and len(children) == 1, "only the first load forks"
+    assert [a is b for a, b in zip(first.profiles, rec.config.profiles)] == [True, False, True]
+
+
+def test_a_bad_first_load_in_a_child_is_reported_with_its_file_and_line(cfgdir):
+    from segguard.agent.reconcile import Reconciler
+
+    (cfgdir / "profiles" / "p3.yaml").write_text(prof(3).replace("ports: [1433]", "ports: [70000]"))
+    log = _Log()
+    rec = Reconciler(cfgdir, log)
+    rec.load_in_child = True
+    assert not rec.load() and rec.config is None
+    assert any("p3.yaml:10" in p for p in rec.config_error), rec.config_error
+    assert [e for e, _ in log.events] == ["config-invalid"]
+
+
+def test_result_of_child_hands_back_values_and_none_for_failures():
+    import os
+
+    from segguard.agent.forked import result_of_child
+
+    ok, got = result_of_child(lambda: {"pid": os.getpid()})
+    assert ok and got["pid"] != os.getpid(), "run in another process"
+
+    def boom():
+        raise ValueError("no")
+    assert result_of_child(boom) == (False, None)
+    assert result_of_child(lambda: (lambda: 1)) == (False, None), "an unpicklable result is no result"
+    assert result_of_child(lambda: os._exit(3)) == (False, None)
