@@ -483,10 +483,14 @@ def main(argv: list[str] | None = None) -> None:
               r["blocked_frames_arrived"], r["timeouts"] + r.get("edit_timeouts", 0), r.get("old_port_after_switch", "-"),
               " ".join(f"{k}={v}" for k, v in sorted(r["applies_by_kind"].items()))] for r in cases])
     p99s = [r["enforced_frame"].get("p99") for r in cases if r["enforced_frame"].get("n")]
-    print(f"targets: p99 < 100 ms ({'met' if p99s and max(p99s) < 0.1 else 'NOT met'}), "
-          f"flat in guests (p99 {' / '.join(c.fmt_s(p) for p in p99s)}), "
-          f"RSS < 80 MB ({'met' if all((r['rss_peak_bytes'] or 0) < 80 << 20 for r in cases) else 'NOT met'})",
-          flush=True)
+    meds = [r["enforced_frame"].get("median") for r in cases if r["enforced_frame"].get("n")]
+    # issue 5 states the memory target for 1,000 guests (5,000 is measured, not judged)
+    at_1000 = [r for r in cases if str(r["guests"]).split()[0] == "1000"]
+    rss = ("not run at 1,000" if not at_1000 else
+           "met" if all((r["rss_peak_bytes"] or 0) < 80 << 20 for r in at_1000) else "NOT met")
+    print(f"targets: median < 20 ms ({'met' if meds and max(meds) < 0.02 else 'NOT met'}: "
+          f"{' / '.join(c.fmt_s(m) for m in meds)}); p99 < 100 ms ({'met' if p99s and max(p99s) < 0.1 else 'NOT met'}: "
+          f"{' / '.join(c.fmt_s(p) for p in p99s)}); RSS peak at 1,000 guests < 80 MB ({rss})", flush=True)
     c.write_result("plug-running" if args.running else "plug", {"args": vars(args), "cases": cases, "complete": True,
                             "targets": {"p99_s": 0.1, "rss_bytes": 80 << 20}})
 
