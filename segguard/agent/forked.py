@@ -50,37 +50,3 @@ class ForkedWriter:
         self.pid = None
         return status
 
-
-def result_of_child(fn: Callable[[], object]) -> tuple[bool, object]:
-    """Run `fn` in a forked child and hand its result back pickled: (True, result),
-    or (False, None) when the child raised, died or sent something unreadable (the
-    caller then runs `fn` itself, to get the real error or the result). The child's
-    transient garbage dies with it: loading 1,000 profiles leaves ~23 MB of RSS in
-    the process that parsed them, the same config unpickled ~14 MB."""
-    import pickle
-
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            os.close(r)
-            payload = pickle.dumps(fn(), protocol=pickle.HIGHEST_PROTOCOL)
-            with os.fdopen(w, "wb") as out:
-                out.write(payload)
-            code = 0
-        except BaseException:  # noqa: BLE001 - the parent runs fn itself
-            pass
-        os._exit(code)
-    os.close(w)
-    try:
-        with os.fdopen(r, "rb") as src:
-            data = src.read()
-    finally:
-        _, status = os.waitpid(pid, 0)
-    if status != 0 or not data:
-        return False, None
-    try:
-        return True, pickle.loads(data)
-    except Exception:  # noqa: BLE001 - an unreadable result is no result
-        return False, None

@@ -34,8 +34,6 @@ import ctypes
 import functools
 import hashlib
 import json
-import os
-import pickle
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
@@ -317,39 +315,22 @@ def learn(table: str, skeleton: dict[str, Any], learned_sets: list[str], samples
     """Run `skeleton` through libnftables in a network namespace of a forked child
     (gone with the child: nothing to clean up, nothing the host's tables or traffic
     see) and hand back the kernel's dump of it. `samples`: the family of each sample."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            os.close(r)
-            if _libc.unshare(CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
-            from segguard.apply.nftables import Nft
+    from segguard.child import result_of_child
 
-            rc, _out, err = Nft().raw(skeleton)
-            if rc != 0:
-                result: Any = ("refused", err.strip())
-            else:
-                sock = nfnl.NfnlSocket()
-                result = ("ok", _dump_learned(sock, table, learned_sets, samples))
-            with os.fdopen(w, "wb") as f:
-                f.write(pickle.dumps(result))
-            code = 0
-        except BaseException as exc:  # noqa: BLE001 - reported through the pipe or the status
-            try:
-                os.write(w, pickle.dumps(("failed", repr(exc))))
-            except OSError:
-                pass
-        os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    try:
-        status, result = pickle.loads(data)
-    except Exception as exc:  # noqa: BLE001 - whatever a dead child left
-        raise Unencodable(f"the encoding child answered nothing usable: {exc!r}") from exc
+    def in_child() -> tuple[str, Any]:
+        if _libc.unshare(CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+        from segguard.apply.nftables import Nft
+
+        rc, _out, err = Nft().raw(skeleton)
+        if rc != 0:
+            return "refused", err.strip()
+        return "ok", _dump_learned(nfnl.NfnlSocket(), table, learned_sets, samples)
+
+    ok, got = result_of_child(in_child)
+    if not ok:
+        raise Unencodable(f"the encoding child answered nothing usable: {got}")
+    status, result = got
     if status != "ok":
         raise Unencodable(f"libnftables' encoding of the skeleton: {status}: {result}")
     return result

@@ -248,12 +248,12 @@ def test_the_agents_first_load_runs_in_a_child_and_is_the_same_config(cfgdir, mo
     """The first load is parsed in a fork and handed back pickled (its garbage stays in
     the child); what arrives compiles to the plan a load in process gives, and the
     next edit's reload reuses its unchanged profiles as it would its own."""
-    from segguard.agent import forked
+    from segguard import child
     from segguard.agent.reconcile import Reconciler
 
     children = []
-    real = forked.result_of_child
-    monkeypatch.setattr(forked, "result_of_child", lambda fn: children.append(fn) or real(fn))
+    real = child.result_of_child
+    monkeypatch.setattr(child, "result_of_child", lambda fn: children.append(fn) or real(fn))
     rec = Reconciler(cfgdir, _Log())
     rec.load_in_child = True
     assert rec.load() and len(children) == 1
@@ -278,16 +278,18 @@ def test_a_bad_first_load_in_a_child_is_reported_with_its_file_and_line(cfgdir):
     assert [e for e, _ in log.events] == ["config-invalid"]
 
 
-def test_result_of_child_hands_back_values_and_none_for_failures():
+def test_result_of_child_hands_back_values_and_says_why_it_could_not():
     import os
 
-    from segguard.agent.forked import result_of_child
+    from segguard.child import result_of_child
 
     ok, got = result_of_child(lambda: {"pid": os.getpid()})
     assert ok and got["pid"] != os.getpid(), "run in another process"
 
     def boom():
         raise ValueError("no")
-    assert result_of_child(boom) == (False, None)
-    assert result_of_child(lambda: (lambda: 1)) == (False, None), "an unpicklable result is no result"
-    assert result_of_child(lambda: os._exit(3)) == (False, None)
+    assert result_of_child(boom) == (False, "ValueError('no')")
+    ok, why = result_of_child(lambda: (lambda: 1))
+    assert not ok and "pickle" in why.lower(), why  # an unpicklable result is no result
+    ok, why = result_of_child(lambda: os._exit(3))
+    assert not ok and "sent nothing" in why, why

@@ -1,0 +1,42 @@
+"""Work done in a forked child whose result comes back pickled through a pipe: what the
+child allocates (a parse's garbage, a network namespace of its own) dies with it."""
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Callable
+
+
+def result_of_child(fn: Callable[[], object]) -> tuple[bool, object]:
+    """Run `fn` in a forked child and hand its result back: (True, result), or (False,
+    why) when the child raised (`why` is the exception's repr), died or sent something
+    unreadable. The caller decides what a failure means (the agent loads in process
+    instead, apply/nfnl_table.learn refuses the nfnetlink road)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(r)
+            try:
+                payload = pickle.dumps((True, fn()), protocol=pickle.HIGHEST_PROTOCOL)
+            except BaseException as exc:  # noqa: BLE001 - reported to the parent
+                payload = pickle.dumps((False, repr(exc)))
+            with os.fdopen(w, "wb") as out:
+                out.write(payload)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as src:
+            data = src.read()
+    finally:
+        _, status = os.waitpid(pid, 0)
+    if not data:
+        return False, f"the child sent nothing (wait status {status})"
+    try:
+        ok, value = pickle.loads(data)
+    except Exception as exc:  # noqa: BLE001 - whatever a dying child left
+        return False, f"the child's answer is unreadable: {exc!r}"
+    return bool(ok), value
