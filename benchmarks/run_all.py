@@ -29,7 +29,7 @@ def main() -> None:
     mods = {"compile": bench_compile, "apply": bench_apply, "forwarding": bench_forwarding,
             "forwarding-pinned": bench_forwarding, "verify": bench_verify, "nwfilter": bench_nwfilter, "plug": bench_plug}
     # the pinned run: sender, receiver and the bridge's filtering on one core, the
-    # per-packet cost without the scheduler's noise (results/forwarding-cpu1.json)
+    # cost per packet of one core, the scheduler moving nothing (results/forwarding-cpu1.json)
     full = {"forwarding-pinned": ["--cpu", "1"]}
     failed, spent = [], {}
     for name, mod in mods.items():

@@ -49,4 +49,3 @@ class ForkedWriter:
             return None
         self.pid = None
         return status
-
