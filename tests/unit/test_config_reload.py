@@ -249,20 +249,23 @@ def test_the_agents_first_load_runs_in_a_child_and_is_the_same_config(cfgdir, mo
     the child); what arrives compiles to the plan a load in process gives, and the
     next edit's reload reuses its unchanged profiles as it would its own."""
     from segguard import child
+    from segguard.agent import reconcile
     from segguard.agent.reconcile import Reconciler
 
-    children = []
-    real = child.result_of_child
+    children, in_parent = [], []
+    real, real_load = child.result_of_child, reconcile.load_config
     monkeypatch.setattr(child, "result_of_child", lambda fn: children.append(fn) or real(fn))
+    # counted in this process only: the child's calls land in the child's copy of the list
+    monkeypatch.setattr(reconcile, "load_config", lambda *a, **k: in_parent.append(1) or real_load(*a, **k))
     rec = Reconciler(cfgdir, _Log())
     rec.load_in_child = True
     assert rec.load() and len(children) == 1
+    assert in_parent == [], "the first load was parsed in the parent"
     fresh = load_config(cfgdir)
-    assert rec.config is not fresh
     assert compile_plan(rec.config, HostFacts()).to_json() == compile_plan(fresh, HostFacts()).to_json()
     first = rec.config
     (cfgdir / "profiles" / "p2.yaml").write_text(prof(2, port=1434))
-    assert rec.load() and len(children) == 1, "only the first load forks"
+    assert rec.load() and len(children) == 1 and in_parent == [1], "only the first load forks"
     assert [a is b for a, b in zip(first.profiles, rec.config.profiles)] == [True, False, True]
 
 
