@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from segguard.errors import ApplyError, ConfigError, SegguardError
+from segguard.plan import jsonable
 
 EXIT_CODES = """Exit codes: 0 ok; 1 error; 2 invalid config (nothing applied); 3 host facts
 unreadable; 4 the kernel refused the transaction or read-back differed (the previous
@@ -72,7 +73,8 @@ def plan(config: Optional[Path] = ConfigOpt, offline: bool = typer.Option(False,
     vlan_changes = any(bv.changed for bv in p.vlans)
     if as_json:
         _out(json.dumps({"changes": not diff.empty or vlan_changes, "missing": list(diff.missing), "unexpected": list(diff.unexpected),
-                         "vlan_changes": vlan_changes, "plan": p.to_dict()}, indent=2, sort_keys=True))
+                         "vlan_changes": vlan_changes, "plan": p.to_dict()}, indent=2, sort_keys=True,
+                         default=jsonable))
     else:
         console.print(bindings_table(p))
         for w in p.warnings:
@@ -413,7 +415,7 @@ def _fail(exc: SegguardError) -> None:
                 dump = Path("/run/segguard/failed-batch.json")
                 try:
                     dump.parent.mkdir(parents=True, exist_ok=True)
-                    dump.write_text(json.dumps(exc.batch, indent=1))
+                    dump.write_text(json.dumps(exc.batch, indent=1, default=jsonable))
                     sys.stderr.write(f"  the exact batch sent is in {dump}; the previous policy is still in force\n")
                 except OSError:
                     pass

@@ -5,6 +5,7 @@ the only place that turns them into messages and exit codes.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,11 @@ class ApplyError(SegguardError):
     exit_code = 4
 
     def __init__(self, message: str, batch: Any = None, kernel_error: str = "", details: list[str] | None = None):
+        if batch is not None:
+            # plain JSON, as `nft -j -f` takes it: a plan's elements are Concat (plan.py)
+            from segguard.plan import jsonable
+
+            batch = json.loads(json.dumps(batch, default=jsonable))
         self.batch = batch
         self.kernel_error = kernel_error
         self.details = details or []

@@ -31,7 +31,7 @@ from segguard.compile.nft import ident, reachable
 from segguard.config.validate import Config, LoadedProfile, load_config
 from segguard.errors import ConfigError, SegguardError
 from segguard.host import HostFacts
-from segguard.plan import Binding, Plan
+from segguard.plan import Binding, Plan, concat_fields, jsonable
 
 MEMBERSHIP = ("legacy_macs", "audit_macs", *ELEMENT_OBJECTS)
 # the full road sends an element delta with at most this many interval-set deletes
@@ -126,7 +126,7 @@ def classify_drift(applied: list[dict[str, Any]], realized: list[dict[str, Any]]
             elif kind == "chain":
                 item = ("chain-changed", f"chain {body['name']}")
             else:
-                item = (f"{kind}-changed", json.dumps(body, sort_keys=True)[:120])
+                item = (f"{kind}-changed", json.dumps(body, sort_keys=True, default=jsonable)[:120])
             if item not in seen:
                 seen.add(item)
                 out.append(item)
@@ -155,11 +155,19 @@ def _membership_filter(name: str, elems: list[Any], b: Binding) -> list[Any]:
     if name in ("legacy_macs", "audit_macs"):
         return [e for e in elems if e == b.mac]
     if name == "bound_ports":
-        return [e for e in elems if isinstance(e, dict) and (e["concat"][0] == b.mac or (b.port and e["concat"][1] == b.port))]
+        return [e for e in elems if (f := concat_fields(e)) is not None and (f[0] == b.mac or (b.port and f[1] == b.port))]
     if not b.port:
         return []
-    # maps: [port, verdict]; port-keyed sets: {"concat": [port, ...]}
-    return [e for e in elems if (e["concat"][0] if isinstance(e, dict) else e[0]) == b.port]
+    return [e for e in elems if _keyed_port(e) == b.port]
+
+
+def _keyed_port(e: Any) -> Any:
+    """The port an element is keyed by: a map's [port, verdict], a port-keyed set's
+    (port, ...) as a plan's Concat or a listing's {"concat": [...]}."""
+    if type(e) is list:
+        return e[0]
+    fields = concat_fields(e)
+    return fields[0] if fields else None
 
 
 def _class_chain_names(objects: list[dict[str, Any]], b: Binding) -> set[str]:

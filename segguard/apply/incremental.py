@@ -20,7 +20,7 @@ from typing import Any
 from segguard.apply.nftables import Nft, NftablesApplier, _metainfo, canonical_key, diff_objects, normalize, rule_order
 from segguard.errors import ApplyError
 from segguard.compile.policy import INTERVAL_SETS, port_set_types
-from segguard.plan import Plan
+from segguard.plan import Concat, Plan, concat_fields, jsonable
 
 # The objects whose elements change when a tap appears or goes away, or a profile's
 # rules change: everything keyed by port (compile/policy.py). A stateful table has no
@@ -40,7 +40,18 @@ FAILS_CLOSED = frozenset({"bound_ports", *port_set_types(stateful=False)})
 
 
 def _key(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
+    return json.dumps(value, sort_keys=True, default=jsonable)
+
+
+def _lkey(value: Any) -> Any:
+    """An element's key in LiveElements: a plan's Concat (hashable) or a name is its own
+    key, a listing's concatenation becomes a Concat, anything else (a prefix element)
+    its JSON. A JSON string per element had been ~4.5 MB at 1,000 guests."""
+    t = type(value)
+    if t is Concat or t is str or t is int:
+        return value
+    c = Concat.of(value)
+    return c if c is not None else _key(value)
 
 
 @dataclass(frozen=True)
@@ -232,7 +243,7 @@ class LiveElements:
     def apply(self, delta: ElementDelta) -> None:
         for name, gone in delta.delete:
             for e in gone:  # a map's deletes are bare keys
-                self.elems[name].pop(_key(e), None)
+                self.elems[name].pop(_lkey(e), None)
         for name, new in delta.add:
             for e in new:
                 self.elems[name][_elem_key(self.kind[name], e)] = e
@@ -268,8 +279,8 @@ class LiveElements:
         return out
 
 
-def _elem_key(kind: str, e: Any) -> str:
-    return _key(e[0]) if kind == "map" else _key(e)
+def _elem_key(kind: str, e: Any) -> Any:
+    return _lkey(e[0]) if kind == "map" else _lkey(e)
 
 
 def rebind_delta(before: list[dict[str, Any]], after: list[dict[str, Any]], live: LiveElements) -> ElementDelta | None:
@@ -329,11 +340,12 @@ def read_back_elements(nft: Nft, table: str, live: LiveElements, delta: ElementD
         body = next((o[kind] for o in data.get("nftables", []) if kind in o), {})
         have = {_elem_key(kind, e) for e in body.get("elem", [])}
         want = set(live.elems[name])
-        problems += [f"{kind} {name}: missing {k}" for k in sorted(want - have)[:5]]
-        problems += [f"{kind} {name}: unexpected {k}" for k in sorted(have - want)[:5]]
+        problems += [f"{kind} {name}: missing {_key(k)}" for k in sorted(want - have, key=_key)[:5]]
+        problems += [f"{kind} {name}: unexpected {_key(k)}" for k in sorted(have - want, key=_key)[:5]]
         if kind == "map":
-            got = {_key(e[0]): _key(e) for e in body.get("elem", [])}
-            problems += [f"map {name}: {k} has another verdict" for k in sorted(want & have) if got[k] != _key(live.elems[name][k])][:5]
+            got = {_lkey(e[0]): _key(e) for e in body.get("elem", [])}
+            problems += [f"map {name}: {_key(k)} has another verdict" for k in sorted(want & have, key=_key)
+                         if got[k] != _key(live.elems[name][k])][:5]
     return problems + read_back_port_chains(nft, table, live, delta)
 
 
@@ -375,7 +387,7 @@ def read_back_port_chains(nft: Nft, table: str, live: LiveElements, delta: Eleme
 # time when it is quiet (Reconciler.collect_leftover).
 
 def _port(elem: Any) -> str:
-    return elem["concat"][0]  # every policy set is keyed by (port, ...) first
+    return concat_fields(elem)[0]  # every policy set is keyed by (port, ...) first
 
 
 class _Dispatched:
@@ -386,11 +398,11 @@ class _Dispatched:
 
     def __init__(self, live: LiveElements, delta: ElementDelta):
         self.elems = live.elems
-        self.gone = {(n, _key(k)) for n, keys in delta.delete if n in self.MAPS for k in keys}
-        self.new = {(n, _key(e[0])) for n, elems in delta.add if n in self.MAPS for e in elems}
+        self.gone = {(n, _lkey(k)) for n, keys in delta.delete if n in self.MAPS for k in keys}
+        self.new = {(n, _lkey(e[0])) for n, elems in delta.add if n in self.MAPS for e in elems}
 
     def __contains__(self, port: str) -> bool:
-        k = _key(port)
+        k = _lkey(port)
         return any((n, k) in self.new or (k in self.elems.get(n, ()) and (n, k) not in self.gone) for n in self.MAPS)
 
 
@@ -453,7 +465,7 @@ def interval_deletes(delta: ElementDelta) -> int:
 
 def without_leftovers(live: LiveElements) -> LiveElements:
     """`live` as it would be with every leftover deleted: the plan in force."""
-    gone = {name: {_key(e) for by_set in live.leftover.values() for e in by_set.get(name, ())} for name in live.kind}
+    gone = {name: {_lkey(e) for by_set in live.leftover.values() for e in by_set.get(name, ())} for name in live.kind}
     elems = {name: {k: e for k, e in by_key.items() if k not in gone[name]} for name, by_key in live.elems.items()}
     return LiveElements(live.kind, elems, live.netdev, live.spec)
 
@@ -474,7 +486,7 @@ def strip_inert_leftovers(realized: list[dict[str, Any]], ports: set[str] | list
     for o in realized:
         kind, body = next(iter(o.items()))
         if kind == "set" and body.get("name") in INTERVAL_SETS and body.get("family", "bridge") == "bridge" and "elem" in body:
-            kept = [e for e in body["elem"] if not (isinstance(e, dict) and "concat" in e and e["concat"][0] in inert)]
+            kept = [e for e in body["elem"] if not ((f := concat_fields(e)) is not None and f[0] in inert)]
             if len(kept) != len(body["elem"]):
                 n += len(body["elem"]) - len(kept)
                 body = {k: v for k, v in body.items() if k != "elem"}
@@ -558,7 +570,7 @@ def _read_back_touched(sock, table: str, live: LiveElements, delta: ElementDelta
     adds += [(name, live.spec[name], e) for name, e in kept]
     # a map's deletes are bare keys; a key re-added (another verdict) is checked with the adds
     deletes = [(name, (live.spec[name][0], live.spec[name][1], False), k) for name, keys in delta.delete
-               for k in keys if _key(k) not in live.elems[name]]
+               for k in keys if _lkey(k) not in live.elems[name]]
     got = sock.get_many(table, adds + deletes)
     for (name, spec, e), body in zip(adds, got[:len(adds)]):
         if not nfnl.held(nfnl.element_of_reply(body) if body else None, nfnl.expected_attrs(spec, e)):

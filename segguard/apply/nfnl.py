@@ -26,6 +26,8 @@ import socket
 import struct
 from typing import Any, Iterable
 
+from segguard.plan import Concat, concat_fields
+
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
@@ -157,7 +159,9 @@ def encode_key(types: list[str], interval: bool, value: Any) -> tuple[bytes, byt
     """(key, key_end or None) of one element as the kernel stores it. A concatenation's
     fields are each padded to 4 bytes; a set with ranges of concatenations (pipapo)
     takes every element as a start and an end key."""
-    fields = value["concat"] if isinstance(value, dict) and "concat" in value else [value]
+    fields = concat_fields(value)
+    if fields is None:
+        fields = [value]
     if len(fields) != len(types):
         raise Unencodable(f"{value!r} does not have the set's {len(types)} fields")
     starts, ends = [], []
@@ -315,7 +319,7 @@ def element_payloads(spec: SetSpec, elems: Iterable[Any]) -> list[bytes]:
         else:
             value, data = e, b""
         if n == 1:
-            if type(value) is dict or type(value) is list:
+            if type(value) is dict or type(value) is list or type(value) is Concat:
                 raise Unencodable(f"range {value!r} in a set without intervals")
             lo, hi = _field_of(caches[0], types[0], value)
             if lo != hi:
@@ -324,11 +328,16 @@ def element_payloads(spec: SetSpec, elems: Iterable[Any]) -> list[bytes]:
                 head = _nest_head(SET_ELEM_KEY, len(TYPES[types[0]](value)[0]))
             body = head + lo + data
         else:
-            try:
-                fields = value["concat"]
-            except (TypeError, KeyError, IndexError) as exc:
-                raise Unencodable(f"{value!r} is not a concatenation") from exc
-            if type(fields) is not list or len(fields) != n or len(value) != 1:
+            if type(value) is Concat:  # a plan's element
+                fields = value.parts
+            else:  # JSON, as a listing has it
+                try:
+                    fields = value["concat"]
+                except (TypeError, KeyError, IndexError) as exc:
+                    raise Unencodable(f"{value!r} is not a concatenation") from exc
+                if type(fields) is not list or len(value) != 1:
+                    raise Unencodable(f"{value!r} does not have the set's {n} fields")
+            if len(fields) != n:
                 raise Unencodable(f"{value!r} does not have the set's {n} fields")
             for v in fields:
                 if v is True or v is False:  # a cache would take it for 1 or 0

@@ -15,7 +15,7 @@ from typing import Any, Callable, ContextManager
 
 from segguard.errors import ApplyError, SegguardError
 from segguard.gcpause import gc_paused
-from segguard.plan import Plan
+from segguard.plan import Plan, jsonable
 
 JSON_SCHEMA_VERSION = 1
 
@@ -35,9 +35,10 @@ class Nft:
 
     @gc_paused()  # a listing parses into ~10^5 dicts (segguard/gcpause.py)
     def raw(self, batch: dict[str, Any]) -> tuple[int, str, str]:
-        # json_cmd only serializes the batch (json.dumps): no copy needed, and a copy of
-        # a 1,000-guest table cost a tenth of the apply
-        return self._nft.json_cmd(batch)
+        # json_cmd's own, but with plan elements written as JSON (plan.jsonable); no
+        # copy of the batch needed (a copy of a 1,000-guest table cost a tenth of the apply)
+        rc, out, err = self._nft.cmd(json.dumps(batch, default=jsonable))
+        return rc, (json.loads(out) if out else out), err
 
     def run(self, batch: dict[str, Any], what: str) -> dict[str, Any]:
         rc, out, err = self.raw(batch)
@@ -133,7 +134,7 @@ def canonical_key(obj: dict[str, Any]) -> str:
     return _dumps({kind: body})
 
 
-_dumps = json.JSONEncoder(sort_keys=True).encode
+_dumps = json.JSONEncoder(sort_keys=True, default=jsonable).encode
 
 
 def normalize(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:

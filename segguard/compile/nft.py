@@ -33,7 +33,7 @@ from segguard.config.schema import AD_PORTS
 from segguard.config.validate import Config
 from segguard.host import HostFacts
 from segguard.compile.policy import EXACT_SUFFIX, INTERVAL_SETS, PortPolicy, port_elements, port_set_types
-from segguard.plan import Binding
+from segguard.plan import Binding, Concat
 
 PRIO = -190  # just after bridge conntrack (-200), so `ct state` is valid in every chain
 LINK_LOCAL_MAC, LINK_LOCAL_MASK = "01:80:c2:00:00:00", "ff:ff:ff:ff:ff:f0"
@@ -125,7 +125,7 @@ def compile_nft(config: Config, facts: HostFacts, bindings: list[Binding], state
     audited = t.set("audit_macs", "ether_addr", by_mode["audit"])
     ported = sorted((b for b in bindings if b.port), key=lambda b: b.port)
     bound = t.set("bound_ports", ["ether_addr", "ifname"],
-                  [{"concat": [b.mac, b.port]} for b in sorted(ported, key=lambda b: (b.mac, b.port))])
+                  [Concat((b.mac, b.port)) for b in sorted(ported, key=lambda b: (b.mac, b.port))])
 
     # -- what each bound port may do: elements keyed by the port, in sets every guest
     # shares, so the rules below are the same for 1 guest or 5,000 and binding a tap or
@@ -135,8 +135,11 @@ def compile_nft(config: Config, facts: HostFacts, bindings: list[Binding], state
     elems = port_elements(ported, templates)
     for name, (type_, interval) in port_set_types(stateful).items():
         t.set(name, type_, elems.get(name, []), interval)
-    t.add(f.vmap(table, "out_dispatch", "ifname", [(b.port, f.goto(class_chains(profiles[b.profile].profile)[0])) for b in ported]))
-    t.add(f.vmap(table, "in_dispatch", "ifname", [(b.port, f.goto(class_chains(profiles[b.profile].profile)[1])) for b in ported]))
+    # one verdict object per chain, shared by every port that dispatches to it
+    gotos: dict[str, dict[str, Any]] = {}
+    to = [(b.port, class_chains(profiles[b.profile].profile)) for b in ported]
+    t.add(f.vmap(table, "out_dispatch", "ifname", [(p, gotos.get(c[0]) or gotos.setdefault(c[0], f.goto(c[0]))) for p, c in to]))
+    t.add(f.vmap(table, "in_dispatch", "ifname", [(p, gotos.get(c[1]) or gotos.setdefault(c[1], f.goto(c[1]))) for p, c in to]))
     t.add(f.vmap(table, "nd_dispatch", "ifname", [(b.port, f.jump(f"nd_{ident(b.guest)}")) for b in ported if b.ipv6]))
 
     # -- one pair of chains per kind of profile (block, default; audit: per profile) --
@@ -179,6 +182,10 @@ def class_chains(prof) -> tuple[str, str]:
 
 
 INGRESS_PRIO = -500
+# the expressions every port chain holds, one copy for all of them (never changed in place)
+_ETHER_SADDR = f.payload("ether", "saddr")
+_LINK_LOCAL_DST = f.match(f.bitand(f.payload("ether", "daddr"), LINK_LOCAL_MASK), LINK_LOCAL_MAC)
+_ENFORCE = (f.COUNTER, f.DROP)
 
 
 def _port_ingress(table: str, facts: HostFacts, bindings: list[Binding]) -> list[dict[str, Any]]:
@@ -196,10 +203,10 @@ def _port_ingress(table: str, facts: HostFacts, bindings: list[Binding]) -> list
         name = "in_" + re.sub(r"[^A-Za-z0-9_]", "_", b.port)
         objs.append(f.ingress_chain(table, name, b.port, INGRESS_PRIO))
         audit = b.mode == "audit"
-        verdict = ([f.COUNTER, f.log(f"segguard audit {b.profile} port-ingress: "), f.ACCEPT] if audit else [f.COUNTER, f.DROP])
-        objs.append(f.rule(table, name, [f.match(f.payload("ether", "saddr"), b.mac, "!="), *verdict],
+        verdict = ([f.COUNTER, f.log(f"segguard audit {b.profile} port-ingress: "), f.ACCEPT] if audit else _ENFORCE)
+        objs.append(f.rule(table, name, [f.match(_ETHER_SADDR, b.mac, "!="), *verdict],
                            "source MAC is not the guest's (before the bridge learns it)", family=f.NETDEV))
-        objs.append(f.rule(table, name, [f.match(f.bitand(f.payload("ether", "daddr"), LINK_LOCAL_MASK), LINK_LOCAL_MAC), *verdict],
+        objs.append(f.rule(table, name, [_LINK_LOCAL_DST, *verdict],
                            "no link-local (01:80:c2:00:00:0x) frames from a legacy guest", family=f.NETDEV))
     return objs
 

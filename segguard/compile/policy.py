@@ -12,12 +12,14 @@ range) pieces: a frame matches one piece exactly when it matches one of the rule
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import netaddr
 
 from segguard.config.validate import LoadedProfile, ResolvedRule
+from segguard.plan import Concat
 
 # set name -> (type, interval). "out" sets hold what the guest opens (looked up with
 # its port as iifname and the peer as ip daddr), "in" sets what its peers open to it
@@ -69,6 +71,10 @@ def _family(name: str) -> int:
     return int(name.removesuffix(EXACT_SUFFIX)[-1])
 
 
+# Profiles name the same peers (a file server, a subnet): one object per distinct value
+# serves every element that holds it, as fragments.COUNTER does every rule (plan objects
+# are never changed in place). Bounded: an agent lives through many edits.
+@functools.lru_cache(maxsize=1 << 16)
 def _addr(lo: int, hi: int, fam: int) -> Any:
     """An address range as nft lists it back: an address, a prefix, or a range."""
     first, last = netaddr.IPAddress(lo, fam), netaddr.IPAddress(hi, fam)
@@ -80,6 +86,7 @@ def _addr(lo: int, hi: int, fam: int) -> Any:
     return {"range": [str(first), str(last)]}
 
 
+@functools.lru_cache(maxsize=1 << 12)
 def _svc(lo: int, hi: int) -> Any:
     return lo if lo == hi else {"range": [lo, hi]}
 
@@ -158,11 +165,11 @@ def port_elements(ported, templates: dict[str, PortPolicy]) -> dict[str, list[An
     out: dict[str, list[Any]] = {}
     for b in ported:
         types = (["arp", "ip"] if b.ipv4 else []) + (["ip6"] if b.ipv6 else [])
-        out.setdefault("port_types", []).extend({"concat": [b.port, t]} for t in types)
-        out.setdefault("port_ip4", []).extend({"concat": [b.port, a]} for a in sorted(b.ipv4, key=netaddr.IPAddress))
-        out.setdefault("port_ip6", []).extend({"concat": [b.port, a]} for a in sorted(b.ipv6, key=netaddr.IPAddress))
+        out.setdefault("port_types", []).extend(Concat((b.port, t)) for t in types)
+        out.setdefault("port_ip4", []).extend(Concat((b.port, a)) for a in sorted(b.ipv4, key=netaddr.IPAddress))
+        out.setdefault("port_ip6", []).extend(Concat((b.port, a)) for a in sorted(b.ipv6, key=netaddr.IPAddress))
         for name, tuples in templates[b.profile].elems.items():
             if not (b.ipv4 if _family(name) == 4 else b.ipv6):
                 continue  # the port drops that family before any lookup
-            out.setdefault(name, []).extend({"concat": [b.port, *parts]} for parts in tuples)
+            out.setdefault(name, []).extend(Concat((b.port, *parts)) for parts in tuples)
     return out
