@@ -527,6 +527,13 @@ def _set_refs(node: Any, out: set[str]) -> set[str]:
     return out
 
 
+def rebuilt_chains(objects: list[dict[str, Any]], names: set[str]) -> list[str]:
+    """The bridge chains a rebuild of the sets `names` flushes and refills: those with
+    a rule that looks one of them up."""
+    return sorted({body["chain"] for kind, body in map(_body, objects)
+                   if kind == "rule" and body["family"] == "bridge" and _set_refs(body["expr"], set()) & names})
+
+
 def _rebuild(table: str, objects: list[dict[str, Any]], names: set[str], direct: dict[int, tuple[bytes, bytes]],
              direct_elems: dict[str, list[bytes]], learned: "Learned") -> tuple[nfnl.Batch, Expected]:
     """One commit that deletes the bridge sets `names` and creates them again with the
@@ -541,8 +548,7 @@ def _rebuild(table: str, objects: list[dict[str, Any]], names: set[str], direct:
     if not names or not names <= bridge_sets:
         raise Unencodable(f"rebuild of sets the plan does not hold: {sorted(names - bridge_sets)}")
     exp = Expected(table, partial=True)
-    chains = sorted({body["chain"] for kind, body in map(_body, objects)
-                     if kind == "rule" and body["family"] == "bridge" and _set_refs(body["expr"], set()) & names})
+    chains = rebuilt_chains(objects, names)
     batch = nfnl.Batch(ack_last=True)
     for chain in chains:  # no handle: every rule of the chain
         batch.add(NFT_MSG_DELRULE, 0, NFPROTO_BRIDGE, _attr(RULE_TABLE, _str(table)) + _attr(RULE_CHAIN, _str(chain)))

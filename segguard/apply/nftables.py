@@ -86,6 +86,25 @@ def replace_batch(plan: Plan) -> dict[str, Any]:
     return {"nftables": cmds}
 
 
+def rebuild_batch(plan: Plan, sets: set[str]) -> dict[str, Any]:
+    """The libnftables JSON of NftablesApplier.rebuild's one transaction: flush the
+    chains that look the sets up, delete and re-add the sets with the plan's elements,
+    then those chains' rules in plan order. What a refused rebuild attaches, so the
+    failure can be replayed with `nft -j -f`."""
+    from segguard.apply.nfnl_table import rebuilt_chains
+
+    objects = list(plan.nft)
+    chains = rebuilt_chains(objects, sets)
+    cmds: list[dict[str, Any]] = [_metainfo()]
+    cmds += [{"flush": {"chain": {"family": "bridge", "table": plan.table, "name": c}}} for c in chains]
+    rebuilt = [o for o in objects if ("set" in o or "map" in o) and next(iter(o.values()))["name"] in sets]
+    cmds += [{"delete": {kind: {"family": "bridge", "table": plan.table, "name": body["name"]}}}
+             for kind, body in (next(iter(o.items())) for o in rebuilt)]
+    cmds += [{"add": o} for o in rebuilt]
+    cmds += [{"add": o} for o in objects if "rule" in o and o["rule"]["family"] == "bridge" and o["rule"]["chain"] in chains]
+    return {"nftables": cmds}
+
+
 def delete_batch(table: str, families: tuple[str, ...] = FAMILIES) -> dict[str, Any]:
     return {"nftables": [_metainfo(), *({"delete": {"table": {"family": f, "name": table}}} for f in families)]}
 
@@ -290,7 +309,7 @@ class NftablesApplier:
         with gc_paused():
             batch, expected = nfnl_table.replace(plan, rebuild=set(sets))
             refused = f"kernel refused the rebuild of sets {', '.join(sorted(sets))}"
-            after = self._commit(self._socket(), batch, expected, refused)
+            after = self._commit(self._socket(), batch, expected, refused, lambda: rebuild_batch(plan, sets))
         if after is None or after:
             raise ApplyError(f"read-back of the rebuilt sets of table bridge {plan.table} differs from the plan",
                              details=after or ["the table is absent after the commit"])

@@ -135,11 +135,10 @@ def compile_nft(config: Config, facts: HostFacts, bindings: list[Binding], state
     elems = port_elements(ported, templates)
     for name, (type_, interval) in port_set_types(stateful).items():
         t.set(name, type_, elems.get(name, []), interval)
-    # one verdict object per chain, shared by every port that dispatches to it
-    gotos: dict[str, dict[str, Any]] = {}
-    to = [(b.port, class_chains(profiles[b.profile].profile)) for b in ported]
-    t.add(f.vmap(table, "out_dispatch", "ifname", [(p, gotos.get(c[0]) or gotos.setdefault(c[0], f.goto(c[0]))) for p, c in to]))
-    t.add(f.vmap(table, "in_dispatch", "ifname", [(p, gotos.get(c[1]) or gotos.setdefault(c[1], f.goto(c[1]))) for p, c in to]))
+    dispatched = [(b.port, class_chains(profiles[b.profile].profile)) for b in ported]
+    gotos = {c: f.goto(c) for _, pair in dispatched for c in pair}  # one verdict object per chain, for all its ports
+    t.add(f.vmap(table, "out_dispatch", "ifname", [(p, gotos[out]) for p, (out, _) in dispatched]))
+    t.add(f.vmap(table, "in_dispatch", "ifname", [(p, gotos[in_]) for p, (_, in_) in dispatched]))
     t.add(f.vmap(table, "nd_dispatch", "ifname", [(b.port, f.jump(f"nd_{ident(b.guest)}")) for b in ported if b.ipv6]))
 
     # -- one pair of chains per kind of profile (block, default; audit: per profile) --

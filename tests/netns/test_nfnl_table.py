@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from segguard.apply import nfnl, nfnl_chains, nfnl_table
-from segguard.apply.nftables import Nft, NftablesApplier, replace_batch
+from segguard.apply.nftables import Nft, NftablesApplier, rebuild_batch, replace_batch
 from segguard.errors import ApplyError
 from segguard.plan import Plan
 from tests.netns.conftest import scratch_netns
@@ -298,8 +298,16 @@ def check_rebuild(wide: Plan) -> None:
             if "map" in o and o["map"]["name"] == "in_dispatch":
                 o = {"map": {**o["map"], "elem": [*o["map"].get("elem", []), ["vnet99", {"goto": {"target": "no_such_chain"}}]]}}
             bad.append(o)
-        with pytest.raises(ApplyError):
+        with pytest.raises(ApplyError) as info:
             applier.rebuild(Plan(target.table, target.stateful, target.bindings, tuple(bad)), names | {"in_dispatch"})
+        assert nfnl_table.problems(sock, whole) == []
+        assert "no_such_chain" in json.dumps(info.value.batch), "the error carries the equivalent libnftables JSON"
+
+        # that JSON does what the rebuild does: replayed through libnftables on the
+        # wide table, it leaves exactly the target
+        assert applier.apply(wide)
+        assert nfnl_table.problems(sock, whole) != []
+        applier.nft.run(rebuild_batch(target, names | {"in_dispatch"}), "the rebuild as libnftables JSON")
         assert nfnl_table.problems(sock, whole) == []
         with pytest.raises(nfnl.Unencodable):
             nfnl_table.replace(target, rebuild={"no_such_set"})
