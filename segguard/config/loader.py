@@ -19,7 +19,7 @@ from segguard.errors import ConfigError, ConfigProblem
 Path_ = tuple[str | int, ...]
 
 
-@dataclass
+@dataclass(slots=True)  # a loaded config keeps one per profile
 class SourceMap:
     file: str
     lines: dict[Path_, int] = field(default_factory=dict)

@@ -19,7 +19,7 @@ from segguard.gcpause import gc_paused
 DEFAULT_CONFIG_DIR = Path("/etc/segguard")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ResolvedRule:
     """An allow rule with its peers resolved to addresses. `direction` is 'egress'
     (the guest opens the flow to `peers`) or 'ingress' (`peers` open it to the guest)."""
@@ -37,7 +37,19 @@ class ResolvedRule:
         return f"{self.direction}[{self.index}] {'to' if self.direction == 'egress' else 'from'} {'+'.join(self.peers_named)} {self.proto}{('/' + ports) if ports else ''}"
 
 
-@dataclass(frozen=True)
+# An agent keeps ~10 resolved rules per profile for a thousand profiles, and most name
+# the same peers and ports: one tuple per distinct value serves them all (and pickles
+# once, for the agent's load in a child). Bounded: an agent lives through many edits.
+_SHARED: dict[tuple, tuple] = {}
+
+
+def _shared(value: tuple) -> tuple:
+    if len(_SHARED) >= 1 << 16:
+        _SHARED.clear()
+    return _SHARED.setdefault(value, value)
+
+
+@dataclass(frozen=True, slots=True)
 class LoadedProfile:
     """A validated profile as a loaded config keeps it: `egress`/`ingress` are the
     resolved rules (profile.egress/ingress, the raw rule models, are emptied once
@@ -280,7 +292,8 @@ def _resolve(site: Site, doc: Document, prof: Profile, problems: list[ConfigProb
                     problems.append(src.problem(path, f"{name!r} has host bits set; did you mean {net.cidr}?"))
                     continue
                 peers.append(net.cidr)
-            rr = ResolvedRule(direction, i, tuple(names), tuple(peers), rule.proto, tuple(rule.ports))
+            rr = ResolvedRule(direction, i, _shared(tuple(names)), _shared(tuple(peers)), rule.proto,
+                              _shared(tuple(_shared(tuple(p)) for p in rule.ports)))
             where = (direction, i, key)
             peerset = netaddr.IPSet(peers)
             if peerset & mgmt:
