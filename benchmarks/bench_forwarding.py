@@ -5,8 +5,10 @@ for seven configurations of the same bridge, interleaved round by round:
   empty     one bridge table with one empty forward base chain: the floor, what any
             bridge-family filter costs before it matches anything
   dispatch  segguard's table with nothing dispatched (the dispatch maps empty): the
-            base chains and the guest port's netdev ingress chain, no class chain
-  -macguard "dispatch" without prerouting/input's two legacy-MAC guard rules, and
+            base chains (toward a guest the fast path, then the dispatch; from a port
+            the dispatch, then the MAC guard) and the guest port's netdev ingress
+            chain, no class chain
+  -macguard "dispatch" without prerouting/input's legacy-MAC guard rule, and
   -netdev   "dispatch" without the netdev ingress table: NOT safe policies, only
             what each part of the fixed cost is (removal experiments)
   segguard  segguard's table: dispatch by port through a verdict map to the profile
@@ -130,7 +132,7 @@ def without(batch: dict, pred) -> dict:
 
 def _is_mac_guard(cmd: dict) -> bool:
     r = cmd.get("add", {}).get("rule")
-    return bool(r) and r["chain"] in ("prerouting", "input") and not any("vmap" in e for e in r["expr"])
+    return bool(r) and r["chain"] in ("prerouting", "input") and any(e.get("vmap", {}).get("data") == "@legacy_macs" for e in r["expr"])
 
 
 def _is_netdev(cmd: dict) -> bool:

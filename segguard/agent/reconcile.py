@@ -27,13 +27,13 @@ from segguard.apply.incremental import (ELEMENT_OBJECTS, LiveElements, apply_del
                                         without_leftovers)
 from segguard.apply.nftables import Fingerprint, NftablesApplier, diff_objects, normalize, rule_order
 from segguard.compile import compile_plan
-from segguard.compile.nft import ident, reachable
+from segguard.compile.nft import FOREIGN_MAC, FOREIGN_MAC_AUDIT, ident, reachable
 from segguard.config.validate import Config, LoadedProfile, load_config
 from segguard.errors import ConfigError, SegguardError
 from segguard.host import HostFacts
 from segguard.plan import Binding, Plan, concat_fields, jsonable
 
-MEMBERSHIP = ("legacy_macs", "audit_macs", *ELEMENT_OBJECTS)
+MEMBERSHIP = ELEMENT_OBJECTS
 # the full road sends an element delta with at most this many interval-set deletes
 # (each up to ~50 ms in the kernel with 900 ports bound), and replaces the table past it
 FEW_INTERVAL_DELETES = 16
@@ -45,7 +45,8 @@ FEW_INTERVAL_DELETES = 16
 # the whole table, the rebuild's fallback, 0.85 s beside 899 running taps
 FEW_REMAINING = 300
 SHARED_SETS = ("internal4", "internal6", "dc4", "dc6", "mgmt4", "mgmt6", "hyp4", "hyp6", "ad_ports")
-BASE_CHAINS = ("prerouting", "input", "forward", "output")
+# the base chains and the MAC guard's verdicts, which every guest's MAC meets
+BASE_CHAINS = ("prerouting", "input", "forward", "output", FOREIGN_MAC, FOREIGN_MAC_AUDIT)
 
 
 # ---------------------------------------------------------------- host facts, cheaply
@@ -152,8 +153,8 @@ def _same_but_elems(obj: dict[str, Any], a: list[dict[str, Any]], b: list[dict[s
 # ---------------------------------------------------------------- one guest's slice
 
 def _membership_filter(name: str, elems: list[Any], b: Binding) -> list[Any]:
-    if name in ("legacy_macs", "audit_macs"):
-        return [e for e in elems if e == b.mac]
+    if name == "legacy_macs":  # [mac, verdict]
+        return [e for e in elems if e[0] == b.mac]
     if name == "bound_ports":
         return [e for e in elems if (f := concat_fields(e)) is not None and (f[0] == b.mac or (b.port and f[1] == b.port))]
     if not b.port:

@@ -6,7 +6,7 @@ its dispatch elements (`port -> goto gout_<kind>`, ...), `(mac, port)` and its p
 elements in the port-keyed sets (compile/policy.py); unbinding deletes them; a profile
 edit replaces the changed elements of its ports. Nothing is flushed: until the
 transaction commits the old elements judge every frame, after it the new ones do, and
-an unbound guest's MAC is dropped by `legacy_macs` on every port in between. Anything
+an unbound guest's MAC is dropped by the `legacy_macs` guard on every port in between. Anything
 beyond elements (a new kind of profile, an ND chain) needs the full replace.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from segguard.plan import Concat, Plan, concat_fields, jsonable
 # The objects whose elements change when a tap appears or goes away, or a profile's
 # rules change: everything keyed by port (compile/policy.py). A stateful table has no
 # reply sets; `_split` takes the ones a plan holds.
-ELEMENT_OBJECTS = ("legacy_macs", "audit_macs", "out_dispatch", "in_dispatch", "nd_dispatch", "bound_ports",
+ELEMENT_OBJECTS = ("legacy_macs", "out_dispatch", "in_dispatch", "nd_dispatch", "bound_ports",
                    *port_set_types(stateful=False))
 
 

@@ -6,13 +6,17 @@ rule count do not grow with the fleet.
 Frame paths through our table (bridge hooks):
   from a legacy port  prerouting (before the FDB learns the source) and input (frames to
                       the host, and link-local frames that skip prerouting)
-                      -> out_dispatch[port] -> gout_<kind> (identity, then policy)
-  to a legacy port    forward (bridged) and output (from the host)
-                      -> in_dispatch[port] -> gin_<kind>
+                      -> out_dispatch[port] -> gout_<kind>: (stateless) its identity in
+                      one lookup and the fast path, else identity rule by rule, policy
+  to a legacy port    forward (bridged) and output (from the host): the fast path (one
+                      lookup), else -> in_dispatch[port] -> gin_<kind>
 `<kind>` is the profile's block flags and default (`class_chains`); an audit profile
-has its own pair, since its log prefix names it. Anything on a port no profile names
-only meets the MAC-binding check, which drops a legacy guest's MAC on every port but
-its own.
+has its own pair, since its log prefix names it. Anything from a port no profile names
+only meets the MAC guard (`legacy_macs`), which drops a legacy guest's MAC on every
+port but its own (a bound port's chain drops any MAC not bound to it).
+A frame to a guest on the fast path meets three lookups (the sending port's dispatch
+and MAC guard, then the fast path's), a guest's TCP reply to a neighbour nine; what a
+frame costs is the lookups and rules it meets (benchmarks/README.md, perf).
 
 Each pair of chains jumps to shared `common_*` chains for the rules that depend on
 neither the guest nor its rules (guard rails, rogue services, fragments, tunnels);
@@ -120,11 +124,18 @@ def compile_nft(config: Config, facts: HostFacts, bindings: list[Binding], state
     ad_ports = t.set("ad_ports", "inet_service",
                      [lo if lo == hi else {"range": [lo, hi]} for lo, hi in AD_PORTS], interval=True)
 
-    by_mode = {m: sorted({b.mac for b in bindings if b.mode == m}) for m in ("enforce", "audit")}
-    legacy = t.set("legacy_macs", "ether_addr", by_mode["enforce"])
-    audited = t.set("audit_macs", "ether_addr", by_mode["audit"])
+    # every legacy MAC -> what a frame carrying it meets on a port not bound to it (the
+    # base chains below): dropped, or logged in audit mode; one lookup for any frame
+    t.chain(FOREIGN_MAC)
+    t.rule(FOREIGN_MAC, [f.COUNTER, f.DROP], "legacy MAC on a port it is not bound to")
+    t.chain(FOREIGN_MAC_AUDIT)
+    t.rule(FOREIGN_MAC_AUDIT, [f.COUNTER, f.log("segguard audit legacy MAC on foreign port: ")],
+           "audit: legacy MAC on a port it is not bound to")
+    verdicts = {"enforce": f.goto(FOREIGN_MAC), "audit": f.jump(FOREIGN_MAC_AUDIT)}
+    modes = {b.mac: b.mode for b in bindings}  # validation refuses a MAC given to two guests
+    t.add(f.vmap(table, "legacy_macs", "ether_addr", [(mac, verdicts[modes[mac]]) for mac in sorted(modes)]))
     ported = sorted((b for b in bindings if b.port), key=lambda b: b.port)
-    bound = t.set("bound_ports", ["ether_addr", "ifname"],
+    t.set("bound_ports", ["ether_addr", "ifname"],
                   [Concat((b.mac, b.port)) for b in sorted(ported, key=lambda b: (b.mac, b.port))])
 
     # -- what each bound port may do: elements keyed by the port, in sets every guest
@@ -156,17 +167,22 @@ def compile_nft(config: Config, facts: HostFacts, bindings: list[Binding], state
             _nd_chain(t, b, _Verdicts(b.profile, b.mode == "audit"))
 
     # -- base chains -------------------------------------------------------------------
-    src_port = f.concat(f.payload("ether", "saddr"), f.meta("iifname"))
+    # A bound port's chain judges its frames first: its identity rules drop any MAC not
+    # bound to the port (an audit chain drops enforced guests' MACs too, _identity), so
+    # only frames from other ports meet the MAC guard: one lookup for a guest's frame
+    # and two for a neighbour's, where the guard before the dispatch cost three for both.
     for hook in ("prerouting", "input"):
         c = t.chain(hook, hook)
-        t.rule(c, [f.match(f.payload("ether", "saddr"), legacy), f.match(src_port, bound, "!="), f.COUNTER, f.DROP],
-               "legacy MAC on a port it is not bound to")
-        t.rule(c, [f.match(f.payload("ether", "saddr"), audited), f.match(src_port, bound, "!="), f.COUNTER,
-                   f.log("segguard audit legacy MAC on foreign port: ")], "audit: legacy MAC on a port it is not bound to")
-        t.rule(c, [f.vmap_lookup(f.meta("iifname"), "out_dispatch")])
+        t.rule(c, [f.vmap_lookup(f.meta("iifname"), "out_dispatch")], "a bound port: its profile's chain")
+        t.rule(c, [f.vmap_lookup(_ETHER_SADDR, "legacy_macs")], "a legacy MAC on a port it is not bound to")
+    # Toward a bound port, the fast path comes before the dispatch: it is the same for
+    # every kind of profile (what a peer may open, and its replies), and a frame to a
+    # guest then costs one lookup instead of the dispatch's and the class chain's.
+    # Frames to other ports pay its misses (hash lookups keyed by their port).
     for hook in ("forward", "output"):
         c = t.chain(hook, hook)
-        t.rule(c, [f.vmap_lookup(f.meta("oifname"), "in_dispatch")])
+        _fast_path(t, {4: c, 6: c}, "in", _keyer("in"), None, None, stateful)
+        t.rule(c, [f.vmap_lookup(f.meta("oifname"), "in_dispatch")], "a bound port: its profile's chain")
     return _order(t.objects + _port_ingress(table, facts, bindings))
 
 
@@ -180,6 +196,7 @@ def class_chains(prof) -> tuple[str, str]:
     return f"gout_{tag}_{prof.default}", f"gin_{tag}_{prof.default}"
 
 
+FOREIGN_MAC, FOREIGN_MAC_AUDIT = "foreign_mac", "foreign_mac_audit"
 INGRESS_PRIO = -500
 # the expressions every port chain holds, one copy for all of them (never changed in place)
 _ETHER_SADDR = f.payload("ether", "saddr")
@@ -222,8 +239,12 @@ def _identity(t: _Table, c: str, v: _Verdicts) -> None:
     keyed by port; a port with no element for a family drops that family)."""
     port = f.meta("iifname")
     eth_type = f.payload("ether", "type")
-    t.rule(c, [f.match(f.concat(f.payload("ether", "saddr"), port), "@bound_ports", "!="), *v.drop("spoofed-mac")],
-           "source MAC is not the guest's")
+    not_bound = f.match(f.concat(_ETHER_SADDR, port), "@bound_ports", "!=")
+    if v.audit:
+        # the MAC guard for this port (the base chains dispatch a bound port before it):
+        # an enforced guest's MAC is dropped here as on every port but its own
+        t.rule(c, [not_bound, f.vmap_lookup(_ETHER_SADDR, "legacy_macs")], "a legacy MAC not bound to this port")
+    t.rule(c, [not_bound, *v.drop("spoofed-mac")], "source MAC is not the guest's")
     # Whitelisting the outer ethertype drops 802.1Q/802.1ad tags (VLAN 0 included),
     # 802.3 LLC/SNAP frames (their type field is a length) and every other protocol;
     # a guest with no addresses has no element and may send nothing.
@@ -365,13 +386,24 @@ def _class_chains(t: _Table, prof, out_c: str, in_c: str, shared: _Shared, state
     icmp = {4: "icmp", 6: "icmpv6"}
     for c, d, port, field in ((out_c, "out", f.meta("iifname"), "daddr"), (in_c, "in", f.meta("oifname"), "saddr")):
         t.chain(c)
-
-        def key(fam: int, *rest: Any) -> dict[str, Any]:
-            return f.concat(port, f.payload(ip[fam], field), *rest)
-
-        if d == "out":
+        key = _keyer(d)
+        if d == "out" and not stateful:
+            # The guest's own frames: one lookup proves what the identity rules' six
+            # would (its port, MAC and source address; the family by meta protocol,
+            # the lookup's dependency, and ether type), and its common frames are
+            # accepted without walking them (what the guest sends is mostly replies
+            # and flows its profile names). The rest come back and take the walk.
+            fast = {fam: t.chain(f"{c}_fast{fam}") for fam in (4, 6)}
+            for fam, eth in ((4, "ip"), (6, "ip6")):
+                t.rule(c, [f.match(f.concat(port, _ETHER_SADDR, f.payload(ip[fam], "saddr")), f"@port_src{fam}"),
+                           f.match(f.payload("ether", "type"), eth), f.jump(fast[fam])],
+                       f"fast path: its own IPv{fam} source on its MAC and port")
             _identity(t, c, v)
-        _fast_path(t, c, d, key, prof, shared, stateful)
+            _fast_path(t, fast, d, key, prof, shared, stateful)
+        elif d == "out":
+            _identity(t, c, v)
+            _fast_path(t, {4: c, 6: c}, d, key, prof, shared, stateful)
+        # (toward the guest the fast path is in the base chains, before the dispatch)
         if d == "out":
             t.rule(c, [f.jump(shared.out_pre(prof, v))], "rogue services, ND/MLD, guard rails")
         else:
@@ -422,7 +454,17 @@ def _class_chains(t: _Table, prof, out_c: str, in_c: str, shared: _Shared, state
         t.rule(c, last, f"default: {prof.default}")
 
 
-def _fast_path(t: _Table, c: str, d: str, key, prof, shared: _Shared, stateful: bool) -> None:
+def _keyer(d: str):
+    """The port-keyed lookup key of direction `d`: (port, peer address, ...)."""
+    port = f.meta("iifname" if d == "out" else "oifname")
+    field = "daddr" if d == "out" else "saddr"
+
+    def key(fam: int, *rest: Any) -> dict[str, Any]:
+        return f.concat(port, f.payload("ip" if fam == 4 else "ip6", field), *rest)
+    return key
+
+
+def _fast_path(t: _Table, chains: dict[int, str], d: str, key, prof, shared: _Shared, stateful: bool) -> None:
     """The bulk of a guest's traffic -- TCP/UDP to a single peer and service the profile
     names, and (stateless) TCP replies of such flows -- accepted by one hash lookup
     before the guard rails, instead of after ~20 rules. It accepts only what the full
@@ -451,11 +493,11 @@ def _fast_path(t: _Table, c: str, d: str, key, prof, shared: _Shared, stateful: 
     new = [f.ct_state("new")] if stateful else []
     other = "in" if d == "out" else "out"
     for fam in (4, 6):
-        t.rule(c, [*plain[fam], *guard_open, f.match(key(fam, f.meta("l4proto"), f.payload("th", "dport")), f"@{d}_open{fam}{EXACT_SUFFIX}"),
+        t.rule(chains[fam], [*plain[fam], *guard_open, f.match(key(fam, f.meta("l4proto"), f.payload("th", "dport")), f"@{d}_open{fam}{EXACT_SUFFIX}"),
                    *new, f.ACCEPT], "fast path: a flow the profile names, single peer and service")
     if not stateful:
         for fam in (4, 6):
-            t.rule(c, [*plain[fam], f.match(f.bitand(f.payload("tcp", "flags"), "ack"), "ack"), *guard_reply,
+            t.rule(chains[fam], [*plain[fam], f.match(f.bitand(f.payload("tcp", "flags"), "ack"), "ack"), *guard_reply,
                        f.match(key(fam, f.meta("l4proto"), f.payload("tcp", "sport")), f"@{other}_open{fam}{EXACT_SUFFIX}"), f.ACCEPT],
                    "fast path: tcp replies (ACK set) of such a flow")
 

@@ -121,8 +121,10 @@ def check_encodings(case: str, tmp_path: Path) -> None:
     # hash and interval (pipapo) sets, MAC and ethertype keys
     assert {"out_dispatch", "nd_dispatch", "bound_ports", "port_types", "port_ip6", "out_open4", "out_open6",
             "in_open4", "in_open6", "out_echo4", "legacy_macs", "frag4_x"} <= set(checked), sorted(checked)
-    if case == "audit-mode":
-        assert "audit_macs" in checked
+    if case == "stateful":
+        assert not {"port_src4", "port_src6"} & set(checked)
+    else:
+        assert {"port_src4", "port_src6"} <= set(checked)  # (ifname, ether_addr, address) keys
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -71,7 +71,7 @@ def test_a_binds_read_back_skips_only_what_fails_closed():
 
     config = load_config(LAB)
     plan = compile_plan(config, facts(PortFact("vnet8", "fe:54:00:aa:00:02")))
-    assert {"out_dispatch", "in_dispatch", "nd_dispatch", "legacy_macs", "audit_macs"} <= set(ELEMENT_OBJECTS) - FAILS_CLOSED
+    assert {"out_dispatch", "in_dispatch", "nd_dispatch", "legacy_macs"} <= set(ELEMENT_OBJECTS) - FAILS_CLOSED
     for o in plan.nft:
         rule = o.get("rule")
         if not rule:
@@ -79,11 +79,20 @@ def test_a_binds_read_back_skips_only_what_fails_closed():
         for e in rule["expr"]:
             m = e.get("match")
             if m and isinstance(m.get("right"), str) and m["right"][1:] in FAILS_CLOSED:
-                # a lookup in such a set either drops on a miss (!=; audit: logs) or
-                # accepts on a hit (==)
+                # a lookup in such a set either drops on a miss (!=; audit: logs; or
+                # the MAC guard's verdict, which drops or logs) or accepts on a hit
+                # (==; or enters a fast-path chain, whose rules only accept, and whose
+                # miss takes the full walk)
                 verdict = rule["expr"][-1]
                 audit = any("log" in x for x in rule["expr"])
-                assert (m["op"] == "!=" and ("drop" in verdict or audit)) or (m["op"] == "==" and "accept" in verdict), rule
+                guard = verdict == {"vmap": {"key": {"payload": {"protocol": "ether", "field": "saddr"}}, "data": "@legacy_macs"}}
+                fast = verdict.get("jump", {}).get("target", "")
+                if fast:
+                    assert fast.endswith(("_fast4", "_fast6")), rule
+                    assert all(r["rule"]["expr"][-1] == {"accept": None} for r in plan.nft
+                               if r.get("rule", {}).get("chain") == fast), fast
+                assert (m["op"] == "!=" and ("drop" in verdict or audit or guard)) or (
+                    m["op"] == "==" and ("accept" in verdict or fast)), rule
 
 
 def test_a_sets_canonical_key_is_its_sorted_encoding_whatever_its_keys():

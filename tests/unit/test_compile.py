@@ -254,13 +254,15 @@ def test_base_chains_do_not_grow_with_guests(tmp_path, layout):
 
     one, fifty = compiled(1), compiled(50)
     counts = lambda p: {c: len(rules(p, c)) for c in BASE_CHAINS}  # noqa: E731
-    assert counts(one) == counts(fifty) == {"prerouting": 3, "input": 3, "forward": 1, "output": 1}
-    # the per-packet path is one vmap lookup per hook; the guests live in the maps and sets
+    # toward a guest the fast path (v4, v6; opens and stateless replies) precedes the dispatch
+    assert counts(one) == counts(fifty) == {"prerouting": 2, "input": 2, "forward": 5, "output": 5}
+    # one vmap lookup per hook (and the MAC guard's); the guests live in the maps and sets
     for p, n in ((one, 1), (fifty, 50)):
         assert len(elems(p, "map", "out_dispatch")) == len(elems(p, "map", "in_dispatch")) == n
-        assert len(elems(p, "set", "legacy_macs")) == len(elems(p, "set", "bound_ports")) == n
+        assert len(elems(p, "map", "legacy_macs")) == len(elems(p, "set", "bound_ports")) == n
         for c in BASE_CHAINS:
-            assert sum(has_expr(r, "vmap") for r in rules(p, c)) == 1
+            assert sum(has_expr(r, "vmap") for r in rules(p, c)) == (2 if c in ("prerouting", "input") else 1)
+            assert all(is_fast(r) for r in rules(p, c) if not has_expr(r, "vmap"))
     # base-chain rules are literally the same (no guest value inlined)
     assert [r for r in objs(fifty, "rule") if r["chain"] in BASE_CHAINS] == \
         [r for r in objs(one, "rule") if r["chain"] in BASE_CHAINS]
@@ -286,7 +288,10 @@ def test_dispatch_maps_point_at_the_class_chains(tmp_path):
     # every class chain ends with its profile's default
     assert rules(plan, "gout_inet_dom_deny")[-1]["comment"] == "default: deny"
     assert rules(plan, "gout_inet_dom_allow")[-1]["comment"] == "default: allow"
-    assert rules(plan, "prerouting")[-1]["expr"] == [{"vmap": {"key": {"meta": {"key": "iifname"}}, "data": "@out_dispatch"}}]
+    # from a port: its dispatch first (a bound port's chain checks its MAC), then the MAC guard
+    assert [r["expr"] for r in rules(plan, "prerouting")] == [
+        [{"vmap": {"key": {"meta": {"key": "iifname"}}, "data": "@out_dispatch"}}],
+        [{"vmap": {"key": {"payload": {"protocol": "ether", "field": "saddr"}}, "data": "@legacy_macs"}}]]
     assert rules(plan, "forward")[-1]["expr"] == [{"vmap": {"key": {"meta": {"key": "oifname"}}, "data": "@in_dispatch"}}]
 
 
@@ -352,19 +357,25 @@ def test_unbound_guest_warns_and_is_dropped_everywhere(bound_plan):
         "is dropped on every port until bound",
         "guest g5: port vnet50 is not on bridge br0 now (rules keyed on it take effect when it appears)",
     )
-    assert "52:54:00:00:00:04" in elems(bound_plan, "set", "legacy_macs")
-    assert sorted(elems(bound_plan, "set", "legacy_macs")) == [f"52:54:00:00:00:0{i}" for i in range(1, 7)]
+    guard = elems(bound_plan, "map", "legacy_macs")
+    assert [mac for mac, _ in guard] == [f"52:54:00:00:00:0{i}" for i in range(1, 7)]
+    assert all(verdict == {"goto": {"target": "foreign_mac"}} for _, verdict in guard)
+    assert [r["expr"] for r in rules(bound_plan, "foreign_mac")] == [[{"counter": None}, {"drop": None}]]
     bound = [e["concat"] for e in elems(bound_plan, "set", "bound_ports")]
     assert bound == [["52:54:00:00:00:01", "vnet1"], ["52:54:00:00:00:02", "vnet2"], ["52:54:00:00:00:03", "vnet3"],
                      ["52:54:00:00:00:05", "vnet50"], ["52:54:00:00:00:06", "vnet5"]]
     assert all(mac != "52:54:00:00:00:04" for mac, _ in bound)
     assert "'g4'" not in repr(elems(bound_plan, "map", "out_dispatch"))
-    # the first rule of prerouting drops a legacy MAC not on its bound port
-    first = rules(bound_plan, "prerouting")[0]
-    assert first["expr"][0]["match"]["right"] == "@legacy_macs"
-    assert first["expr"][1]["match"] == {"op": "!=", "left": {"concat": [
-        {"payload": {"protocol": "ether", "field": "saddr"}}, {"meta": {"key": "iifname"}}]}, "right": "@bound_ports"}
-    assert first["expr"][-1] == {"drop": None}
+    # prerouting: a bound port goes to its chain, whose first identity rule drops a MAC
+    # not bound to it; any other port meets the guard, which drops every legacy MAC
+    first, guard_rule = rules(bound_plan, "prerouting")
+    assert first["expr"] == [{"vmap": {"key": {"meta": {"key": "iifname"}}, "data": "@out_dispatch"}}]
+    assert guard_rule["expr"] == [{"vmap": {"key": {"payload": {"protocol": "ether", "field": "saddr"}}, "data": "@legacy_macs"}}]
+    for port, _ in elems(bound_plan, "map", "out_dispatch"):
+        mac_check = next(r for r in walk(bound_plan, dispatch(bound_plan, "out_dispatch", port)) if "@bound_ports" in repr(r))
+        assert mac_check["expr"][0]["match"] == {"op": "!=", "left": {"concat": [
+            {"payload": {"protocol": "ether", "field": "saddr"}}, {"meta": {"key": "iifname"}}]}, "right": "@bound_ports"}
+        assert mac_check["expr"][-1] == {"drop": None}
 
 
 def test_ambiguous_tap_mac_leaves_guest_unbound(tmp_path):
@@ -466,6 +477,15 @@ def test_audit_mode_logs_and_accepts_instead_of_dropping(tmp_path):
     assert (dispatch(enforce, "out_dispatch", "vnet1"), dispatch(enforce, "in_dispatch", "vnet1")) == e_own[:2]
     e_rules = [r for c in e_own for r in walk(enforce, c)]
     a_rules = [r for c in a_own for r in walk(audit, c)]
+    # an audit port's frames skip the base chains' MAC guard too (dispatched first), so
+    # its chain has the guard's rule: an enforced guest's MAC is dropped on this port
+    # as on every port but its own (vmap legacy_macs -> foreign_mac); its own is bound
+    guard = {"family": "bridge", "table": "segguard", "chain": "a_p_out", "comment": "a legacy MAC not bound to this port",
+             "expr": [{"match": {"op": "!=", "left": {"concat": [{"payload": {"protocol": "ether", "field": "saddr"}},
+                                                                 {"meta": {"key": "iifname"}}]}, "right": "@bound_ports"}},
+                      {"vmap": {"key": {"payload": {"protocol": "ether", "field": "saddr"}}, "data": "@legacy_macs"}}]}
+    assert a_rules[0] == guard and guard not in e_rules
+    a_rules = a_rules[1:]
     assert len(e_rules) == len(a_rules)
     # no audit profile shares a chain with enforcing ones: every drop it could reach
     # is in a chain of its own
@@ -483,11 +503,11 @@ def test_audit_mode_logs_and_accepts_instead_of_dropping(tmp_path):
         else:
             assert a == e
     assert dropped > 20
-    # the MAC moves from legacy_macs (dropped on foreign ports) to audit_macs (logged)
-    assert elems(audit, "set", "legacy_macs") == [] and elems(audit, "set", "audit_macs") == ["52:54:00:00:00:01"]
-    assert elems(enforce, "set", "audit_macs") == [] and elems(enforce, "set", "legacy_macs") == ["52:54:00:00:00:01"]
-    audit_pre = rules(audit, "prerouting")[1]
-    assert audit_pre["expr"][0]["match"]["right"] == "@audit_macs" and not has_expr(audit_pre, "drop")
+    # on a foreign port the MAC is logged (jump: the frame goes on), not dropped (goto)
+    assert elems(audit, "map", "legacy_macs") == [["52:54:00:00:00:01", {"jump": {"target": "foreign_mac_audit"}}]]
+    assert elems(enforce, "map", "legacy_macs") == [["52:54:00:00:00:01", {"goto": {"target": "foreign_mac"}}]]
+    assert [r["expr"] for r in rules(audit, "foreign_mac_audit")] == [
+        [{"counter": None}, {"log": {"prefix": "segguard audit legacy MAC on foreign port: "}}]]
     assert audit.bindings[0].mode == "audit"
 
 
@@ -508,7 +528,7 @@ def test_audit_log_prefix_names_the_reason(tmp_path):
     for chain in ("a_p_out", "a_p_in"):
         last = rules(plan, chain)[-1]
         assert last["expr"] == [{"counter": None}, {"log": {"prefix": "segguard audit p default-deny: "}}, {"accept": None}]
-    first = rules(plan, "a_p_out")[0]
+    first = walk(plan, "a_p_out")[1]  # after the MAC guard's rule
     assert first["expr"][-2:] == [{"log": {"prefix": "segguard audit p spoofed-mac: "}}, {"accept": None}]
 
 
@@ -555,7 +575,7 @@ def test_guest_without_ipv6_whitelists_no_ip6(tmp_path):
     assert port_elems(plan, "out_open6", "vnet2") == [["fd00:30::20", "tcp", 1433]]
     # both dispatch to the same chain: the ethertype check against port_types is what drops g1's IPv6
     assert dispatch(plan, "out_dispatch", "vnet1") == dispatch(plan, "out_dispatch", "vnet2")
-    ethertype = rules(plan, dispatch(plan, "out_dispatch", "vnet1"))[1]
+    ethertype = walk(plan, dispatch(plan, "out_dispatch", "vnet1"))[1]
     assert ethertype["expr"] == [
         {"match": {"op": "!=", "left": {"concat": [{"meta": {"key": "iifname"}}, {"payload": {"protocol": "ether", "field": "type"}}]},
                    "right": "@port_types"}}, {"counter": None}, {"drop": None}]
@@ -588,7 +608,8 @@ def test_guest_without_addresses_may_send_nothing(tmp_path):
     assert [e["concat"] for e in elems(plan, "set", "bound_ports")] == [["52:54:00:00:00:01", "vnet1"]]
     assert all(port_elems(plan, n, "vnet1") == [] for n in port_keyed_sets(plan))
     # ... so the ethertype whitelist, before anything that accepts, drops every frame
-    rs = rules(plan, dispatch(plan, "out_dispatch", "vnet1"))
+    # (its fast path is entered through port_src4/6, where it has no element either)
+    rs = walk(plan, dispatch(plan, "out_dispatch", "vnet1"))
     assert [r["expr"][0]["match"]["right"] for r in rs[:3]] == ["@bound_ports", "@port_types", "@port_types"]
     assert all(r["expr"][0]["match"]["op"] == "!=" and r["expr"][-1] == {"drop": None} for r in rs[:3])
 
@@ -596,7 +617,8 @@ def test_guest_without_addresses_may_send_nothing(tmp_path):
 def test_guest_chain_starts_with_source_mac_check():
     plan = compile_plan(load_config(LAB), lab_facts())
     for chain in {dispatch(plan, "out_dispatch", p) for p in ("vnet7", "vnet8")}:
-        assert rules(plan, chain)[0]["expr"] == [
+        # (before it only the fast path's entry, a lookup of port, MAC and source together)
+        assert walk(plan, chain)[0]["expr"] == [
             {"match": {"op": "!=", "left": {"concat": [{"payload": {"protocol": "ether", "field": "saddr"}}, {"meta": {"key": "iifname"}}]},
                        "right": "@bound_ports"}},
             {"counter": None}, {"drop": None}]
@@ -611,10 +633,22 @@ def test_identity_checks_precede_everything_else_from_the_guest():
     plan = compile_plan(load_config(LAB), lab_facts())
     for chain in ("gout_inet_dom_deny", "gout_inet_dom_allow"):
         rs = rules(plan, chain)
-        first_fast = next(i for i, r in enumerate(rs) if is_fast(r))
-        ident = rs[:first_fast]
-        # the fast path follows the identity checks at once, then the walk's first jump
-        assert has_expr(rs[first_fast + 4], "jump") and all(is_fast(r) for r in rs[first_fast:first_fast + 4])
+        # the fast path's entry first: one lookup of what the identity rules check one by
+        # one (port, MAC, source address; the family: meta protocol, the lookup's
+        # dependency, and ether type), jumping to chains that only accept
+        for fam, r in zip((4, 6), rs[:2]):
+            ip = "ip" if fam == 4 else "ip6"
+            assert is_fast(r) and r["expr"] == [
+                {"match": {"op": "==", "left": {"concat": [{"meta": {"key": "iifname"}}, {"payload": {"protocol": "ether", "field": "saddr"}},
+                                                           {"payload": {"protocol": ip, "field": "saddr"}}]}, "right": f"@port_src{fam}"}},
+                {"match": {"op": "==", "left": {"payload": {"protocol": "ether", "field": "type"}}, "right": ip}},
+                {"jump": {"target": f"{chain}_fast{fam}"}}]
+            assert rules(plan, f"{chain}_fast{fam}") and all(
+                is_fast(x) and x["expr"][-1] == {"accept": None} for x in rules(plan, f"{chain}_fast{fam}"))
+        assert port_elems(plan, "port_src4", "vnet7") == [["52:54:00:aa:00:01", "10.30.0.15"]]
+        assert port_elems(plan, "port_src6", "vnet8") == [["52:54:00:aa:00:02", "fd00:30::16"]]
+        own = rs[2:]
+        ident = own[:next(i for i, r in enumerate(own) if has_expr(r, "jump"))]
         keys = [s for r in ident for _, s in lookups(r)]
         assert keys == ["bound_ports", "port_types", "port_types", "port_ip4", "bound_ports", "port_ip4", "port_ip6"]
         accepts = [i for i, r in enumerate(ident) if r["expr"][-1] == {"accept": None}]
@@ -675,7 +709,15 @@ def test_guard_rails_come_before_every_allow_rule(conntrack):
 
 
 def _fast_rules(plan: Plan, chain: str) -> list[dict]:
-    return [r for r in rules(plan, chain) if is_fast(r)]
+    """The fast-path rules a frame of `chain`'s direction meets: toward the guest in the
+    base chains before the dispatch; from it, stateless, in the chains its entry jumps
+    to (stateful: inline after the identity rules)."""
+    if chain.startswith("gin_"):
+        fast = [r for r in rules(plan, "forward") if is_fast(r)]
+        assert fast == [r | {"chain": "forward"} for r in rules(plan, "output") if is_fast(r)]
+        return fast
+    return [r for c in (chain, f"{chain}_fast4", f"{chain}_fast6") for r in rules(plan, c)
+            if is_fast(r) and not has_expr(r, "jump")]
 
 
 FRAG4_NONE = {"match": {"op": "==", "left": {"&": [{"payload": {"protocol": "ip", "field": "frag-off"}}, 16383]}, "right": 0}}
@@ -875,8 +917,8 @@ def test_profile_independent_rules_exist_once_per_block_combination(tmp_path):
     assert out == {"a": "gout_inet_dom_deny", "b": "gout_inet_dom_deny", "c": "gout_dom_deny", "d": "gout_open_deny"}
     assert dispatch(plan, "out_dispatch", "vnet9") == "a_e_out"
 
-    def jumps(chain):
-        return [r["expr"][0]["jump"]["target"] for r in rules(plan, chain) if has_expr(r, "jump")]
+    def jumps(chain):  # (the fast path's entries left out)
+        return [r["expr"][0]["jump"]["target"] for r in rules(plan, chain) if has_expr(r, "jump") and not is_fast(r)]
 
     assert jumps("gout_inet_dom_deny")[0] == "common_out_inet_dom"
     assert jumps("a_e_out")[0] == "a_e_common_out_inet_dom"
@@ -927,8 +969,8 @@ def test_reachable_names_what_a_guest_policy_uses():
     plan = compile_plan(load_config(LAB), lab_facts(bridge_conntrack=False))
     scada = next(b for b in plan.bindings if b.guest == "scada-line4-srv")
     chains, sets = reachable(list(plan.nft), set(scada.chains))
-    assert {"gout_inet_dom_allow", "gin_inet_dom_allow", "nd_scada_line4_srv",
-            "common_out_inet_dom", "common_in_inet_dom", "common_frag", "common_out_post_dom"} == chains
+    assert {"gout_inet_dom_allow", "gin_inet_dom_allow", "nd_scada_line4_srv", "gout_inet_dom_allow_fast4",
+            "gout_inet_dom_allow_fast6", "common_out_inet_dom", "common_in_inet_dom", "common_frag", "common_out_post_dom"} == chains
     # the guard-rail sets and the port-keyed policy sets its rules look up
     assert {"mgmt4", "hyp6", "dc4", "internal6", "ad_ports", "bound_ports", "port_types", "port_ip4", "port_ip6",
             "out_open4", "in_open6", "frag4", "out_rerr6", "nd_dispatch"} <= sets
