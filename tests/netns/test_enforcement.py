@@ -137,6 +137,28 @@ def test_spoofed_source_mac_is_never_learned_into_the_fdb(lab):
 
 
 
+def test_a_legacy_mac_on_any_port_but_its_own_is_dropped_before_the_fdb_learns_it(lab):
+    """The MAC guard on a port no profile names (the `guest` host's), and a bound port's
+    own chain for another guest's MAC: a neighbour cannot pull xp's traffic to itself by
+    sending as xp, nor scada's guest as xp, and nothing is learned on the way."""
+    apply_in_lab(lab.topology, None)
+    topo = lab.topology
+    xp, scada, guest, app = topo.host("xp"), topo.host("scada"), topo.host("guest"), topo.host("app")
+    for port in (scada.port, guest.port):
+        subprocess.run(["ip", "netns", "exec", topo.hv_ns, "ip", "link", "set", "dev", port, "type", "bridge_slave",
+                        "learning", "on"], check=True)
+    eps = {"scada": topo.sink("scada"), "guest": topo.sink("guest"), "app": topo.sink("app")}
+    with ProbeSession(eps, eps, settle=0.3) as s:
+        res = s.run([
+            ("neighbour-as-xp", "guest", Probe(kind="udp", src_mac=xp.mac, dst_mac=app.mac, src_ip=guest.ip4, dst_ip=app.ip4, dport=9), ["app"]),
+            ("scada-as-xp", "scada", Probe(kind="udp", src_mac=xp.mac, dst_mac=app.mac, src_ip=scada.ip4, dst_ip=app.ip4, dport=9), ["app"]),
+            ("control", "guest", Probe(kind="udp", src_mac=guest.mac, dst_mac=app.mac, src_ip=guest.ip4, dst_ip=app.ip4, dport=9), ["app"]),
+        ])
+    assert res == {"neighbour-as-xp": {"app": False}, "scada-as-xp": {"app": False}, "control": {"app": True}}
+    assert _fdb_port_of(topo.hv_ns, xp.mac) in (None, xp.port)
+    assert _fdb_port_of(topo.hv_ns, guest.mac) == guest.port  # the control was learned: learning is on
+
+
 def test_frames_to_a_guest_carry_only_the_ethertypes_it_uses(lab):
     """Toward a guest the ethertype whitelist holds too, also where the profile's
     default is allow (scada-line4): no VLAN tag, no LLC/SNAP; and nothing of a family
