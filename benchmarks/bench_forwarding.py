@@ -4,7 +4,7 @@ for seven configurations of the same bridge, interleaved round by round:
   none      no nftables table at all
   empty     one bridge table with one empty forward base chain: the floor, what any
             bridge-family filter costs before it matches anything
-  dispatch  segguard's table with nothing dispatched (the dispatch maps empty): the
+  dispatch  segguard's table with nothing dispatched (its verdict maps empty): the
             base chains (toward a guest the fast path, then the dispatch; from a port
             the dispatch, then the MAC guard) and the guest port's netdev ingress
             chain, no class chain
@@ -30,9 +30,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from benchmarks import common as c
 
@@ -116,12 +120,14 @@ def empty_batch() -> dict:
 
 
 def undispatched(batch: dict) -> dict:
-    """segguard's batch with the dispatch maps' elements dropped: every base chain and
-    netdev ingress chain in place, no frame sent on to a class chain."""
+    """segguard's batch with the verdict maps' elements dropped: every base chain and
+    netdev ingress chain in place, no frame sent on to a class chain (and the MAC guard
+    empty too: it judges only ports without a dispatch element, which would now be the
+    guest's own)."""
     out = copy.deepcopy(batch)
     for cmd in out["nftables"]:
         m = cmd.get("add", {}).get("map")
-        if m and m["name"].endswith("_dispatch"):
+        if m and (m["name"].endswith("_dispatch") or m["name"] == "legacy_macs"):
             m.pop("elem", None)
     return out
 
@@ -145,12 +151,36 @@ def _is_netdev(cmd: dict) -> bool:
 
 
 PIN: list[str] = []  # ["taskset", "-c", K] with --cpu: sender, receiver and their softirqs on one core
+PERF: list[int] = []  # [K] with --perf: sample core K while iperf3 runs
+# the kernel's nftables evaluation: the rule loop, expressions, set lookups and hashing
+FILTER_SYMBOLS = re.compile(r"nft_|jhash|rhash|pipapo|nf_hook_slow|sized_strscpy")
 
 
-def iperf(cli: str, seconds: int) -> float:
+def iperf(cli: str, seconds: int) -> tuple[float, float | None]:
+    """Throughput, and with --perf the share of core K's samples spent in nftables
+    (the core is saturated when pinned: that share is what filtering costs it)."""
+    rec = None
+    if PERF:
+        data = Path(tempfile.mkdtemp(prefix="sgb-perf-")) / "perf.data"
+        # (the sampling window sits inside the transfer: iperf3 connects first)
+        rec = subprocess.Popen(["perf", "record", "-q", "-C", str(PERF[0]), "-o", str(data), "--", "sleep", str(max(seconds - 1, 1))],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = subprocess.run(["ip", "netns", "exec", cli, *PIN, "iperf3", "-c", c.guest_v4(LAST), "-p", str(IPERF_PORT),
                           "-t", str(seconds), "-J"], capture_output=True, text=True, check=True, timeout=seconds + 30)
-    return json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]
+    bps = json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]
+    if rec is None:
+        return bps, None
+    rec.wait(30)
+    rep = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "-n", "--no-children", "--sort", "symbol", "-g", "none"],
+                         capture_output=True, text=True, check=True).stdout
+    shutil.rmtree(data.parent, ignore_errors=True)
+    total = filt = 0
+    for line in rep.splitlines():
+        f = line.split()
+        if len(f) >= 4 and f[0].endswith("%") and f[1].isdigit():
+            total += int(f[1])
+            filt += int(f[1]) if FILTER_SYMBOLS.search(f[3]) else 0  # "7.8%  1565  [k] nft_do_chain  -  -"
+    return bps, (filt / total if total else None)
 
 
 def rr(cli: str, count: int) -> list[float]:
@@ -170,20 +200,37 @@ def main(argv: list[str] | None = None) -> dict:
                          "bridge and its filters run there too, and the run measures one core's cost per packet")
     ap.add_argument("--only", default=None,
                     help="comma-separated configurations to run, e.g. dispatch,-netdev,segguard (none is always included)")
+    ap.add_argument("--compare", metavar="NAME=FILE", action="append", default=[],
+                    help="one more configuration: a libnftables JSON batch from FILE (e.g. segguard's table as an "
+                         "older commit compiles it: python -m benchmarks.bench_forwarding --dump FILE there), run as NAME")
+    ap.add_argument("--dump", metavar="FILE", help="write segguard's batch for the 1,000 guests to FILE and exit")
+    ap.add_argument("--perf", action="store_true",
+                    help="with --cpu: sample that core with perf while iperf3 runs and report the share spent in "
+                         "nftables (a per-packet cost that the throughput's run-to-run noise hides)")
     args = ap.parse_args(argv)
+    if args.perf and args.cpu is None:
+        ap.error("--perf needs --cpu (the share is of one saturated core)")
     PIN[:] = ["taskset", "-c", str(args.cpu)] if args.cpu is not None else []
+    PERF[:] = [args.cpu] if args.perf else []
     c.require_root()
-    c.apt_install("iperf3", "ethtool")
+    c.apt_install("iperf3", "ethtool", *(["linux-perf"] if args.perf else []))
     from segguard.apply.nftables import Nft, replace_batch
     from segguard.compile import compile_plan
     from segguard.config.validate import load_config
     from segguard.lab import netns as nl
+    from segguard.plan import jsonable
 
     servers: list[subprocess.Popen] = []
-    kinds = ("none", "empty", "dispatch", "-macguard", "-netdev", "segguard", "naive")
+    if args.dump:
+        with c.tempdir("fwd") as d:
+            c.write_fleet(d, N, shared=True)
+            Path(args.dump).write_text(json.dumps(replace_batch(compile_plan(load_config(d), c.facts(N))), default=jsonable))
+        return {}
+    compare = dict(x.split("=", 1) for x in args.compare)
+    kinds = ("none", "empty", "dispatch", "-macguard", "-netdev", "segguard", *compare, "naive")
     if args.only:
         kinds = tuple(k for k in kinds if k == "none" or k in args.only.split(","))
-    res = {k: {"bps": [], "rtt": []} for k in kinds}
+    res = {k: {"bps": [], "rtt": [], "filter_share": []} for k in kinds}
     with c.tempdir("fwd") as d, c.bench_netns("fhv") as hv, c.bench_netns("fcli") as cli, c.bench_netns("fsrv") as srv:
         try:
             build(hv, cli, srv)
@@ -194,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
             batches = {"none": None, "empty": empty_batch(), "dispatch": undispatched(seg_batch), "segguard": seg_batch,
                        "-macguard": without(undispatched(seg_batch), _is_mac_guard),
                        "-netdev": without(undispatched(seg_batch), _is_netdev),
-                       "naive": naive}
+                       "naive": naive, **{k: json.loads(Path(f).read_text()) for k, f in compare.items()}}
             servers.append(subprocess.Popen(["ip", "netns", "exec", srv, *PIN, "iperf3", "-s", "-p", str(IPERF_PORT)],
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             servers.append(subprocess.Popen(["ip", "netns", "exec", srv, *PIN, sys.executable, "-m", "benchmarks._rr", "server",
@@ -222,9 +269,13 @@ def main(argv: list[str] | None = None) -> dict:
             for r in range(args.rounds):
                 for kind in kinds:
                     configure(kind)
-                    res[kind]["bps"].append(iperf(cli, args.seconds))
+                    bps, share = iperf(cli, args.seconds)
+                    res[kind]["bps"].append(bps)
+                    if share is not None:
+                        res[kind]["filter_share"].append(share)
                     res[kind]["rtt"].extend(rr(cli, args.rr))
-                    print(f"  round {r + 1}/{args.rounds} {kind}: {res[kind]['bps'][-1] / 1e9:.2f} Gbit/s", flush=True)
+                    print(f"  round {r + 1}/{args.rounds} {kind}: {bps / 1e9:.2f} Gbit/s"
+                          + (f", nftables {100 * share:.1f} % of the core" if share is not None else ""), flush=True)
             configure("none")
         finally:
             for p in servers:
@@ -234,18 +285,22 @@ def main(argv: list[str] | None = None) -> dict:
                     p.wait(5)
                 except subprocess.TimeoutExpired:
                     p.kill()
-    summary = {k: {"gbps": c.summarize([b / 1e9 for b in v["bps"]]), "rtt": c.summarize(v["rtt"])} for k, v in res.items()}
+    summary = {k: {"gbps": c.summarize([b / 1e9 for b in v["bps"]]), "rtt": c.summarize(v["rtt"]),
+                   **({"filter_share": c.summarize(v["filter_share"])} if v["filter_share"] else {})} for k, v in res.items()}
     base = summary["none"]
     rows = []
     rule_count = {"none": 0, "empty": 0, "dispatch": seg_rules, "segguard": seg_rules, "naive": naive_rules}
-    rule_count.update({k: sum(1 for x in batches[k]["nftables"] if "rule" in x.get("add", {})) for k in ("-macguard", "-netdev")})
+    rule_count.update({k: sum(1 for x in batches[k]["nftables"] if "rule" in x.get("add", {})) for k in ("-macguard", "-netdev", *compare)})
     for k in kinds:
         s = summary[k]
         rows.append([k, rule_count[k], s["gbps"]["n"], f"{s['gbps']['median']:.2f}",
                      f"{s['gbps']['min']:.2f} - {s['gbps']['max']:.2f}", f"{100 * s['gbps']['median'] / base['gbps']['median']:.0f} %",
-                     c.fmt_s(s["rtt"]["median"]), c.fmt_s(s["rtt"]["p99"])])
+                     c.fmt_s(s["rtt"]["median"]), c.fmt_s(s["rtt"]["p99"])]
+                    + ([f"{100 * s['filter_share']['median']:.1f} % ({100 * s['filter_share']['min']:.1f} - "
+                        f"{100 * s['filter_share']['max']:.1f})" if "filter_share" in s else "-"] if PERF else []))
     c.table(f"forwarding through br0, {N} guests loaded, traffic to the last guest (offloads off)",
-            ["config", "rules", "runs", "Gbit/s median", "min - max", "of none", "RTT p50", "RTT p99"], rows)
+            ["config", "rules", "runs", "Gbit/s median", "min - max", "of none", "RTT p50", "RTT p99"]
+            + (["nftables share of the core"] if PERF else []), rows)
 
     def pct(kind: str) -> float | None:
         return 100 * summary[kind]["gbps"]["median"] / base["gbps"]["median"] if kind in summary else None
@@ -259,7 +314,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "p99_met_strict": seg["rtt"]["p99"] <= base["rtt"]["p99"]})
     data = {"n_guests": N, "rules": {"segguard": seg_rules, "naive": naive_rules}, "summary": summary,
             "samples_gbps": {k: v["bps"] for k, v in res.items()}, "targets": targets,
-            "pinned_cpu": args.cpu, "configs": list(kinds)}
+            "pinned_cpu": args.cpu, "configs": list(kinds), "perf": bool(PERF),
+            "samples_filter_share": {k: v["filter_share"] for k, v in res.items() if v["filter_share"]}}
     # a partial or pinned run does not replace the full one's file
     name = "forwarding" + (f"-cpu{args.cpu}" if args.cpu is not None else "") + ("-only" if args.only else "")
     c.write_result(name, data)

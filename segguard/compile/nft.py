@@ -252,17 +252,18 @@ def _identity(t: _Table, c: str, v: _Verdicts) -> None:
     t.rule(c, [f.match(f.concat(port, eth_type), "@port_types", "!="), *v.drop("ethertype")],
            "only IPv4/ARP/IPv6 as configured; no tags, no LLC")
     t.rule(c, [f.match(f.concat(port, f.meta("protocol")), "@port_types", "!="), *v.drop("protocol")])
-    # (a match on an arp/ip/ip6 field implies its ethertype: libnftables adds that
-    # dependency itself and lists the rule without it, so we never write it)
-    t.rule(c, [f.match(f.concat(port, f.payload("arp", "saddr ip")), "@port_ip4", "!="), *v.drop("arp-spoof")],
+    # (a match on an arp/ip/ip6 field implies its family: libnftables adds that
+    # dependency itself, in the bridge family as `meta protocol`, and lists the rule
+    # without it, so we never write it; the MAC in the keys is the one found bound above)
+    t.rule(c, [f.match(f.concat(port, _ETHER_SADDR, f.payload("arp", "saddr ip")), "@port_src4", "!="), *v.drop("arp-spoof")],
            "ARP only for its own IPv4")
     t.rule(c, [f.match(f.concat(f.payload("arp", "saddr ether"), port), "@bound_ports", "!="), *v.drop("arp-spoof")])
     t.rule(c, [f.match(f.payload("arp", "operation"), t.const("arp_ops", "arp_op", ["request", "reply"]), "!="), *v.drop("arp-op")])
     t.rule(c, [f.match(eth_type, "arp"), f.ACCEPT])
-    t.rule(c, [f.match(f.concat(port, f.payload("ip", "saddr")), "@port_ip4", "!="), *v.drop("ip-spoof")],
+    t.rule(c, [f.match(f.concat(port, _ETHER_SADDR, f.payload("ip", "saddr")), "@port_src4", "!="), *v.drop("ip-spoof")],
            "IPv4 source is not the guest's")
     linklocal = t.const("ip6_linklocal", "ipv6_addr", IP6_LINKLOCAL, interval=True)
-    t.rule(c, [f.match(f.concat(port, f.payload("ip6", "saddr")), "@port_ip6", "!="),
+    t.rule(c, [f.match(f.concat(port, _ETHER_SADDR, f.payload("ip6", "saddr")), "@port_src6", "!="),
                f.match(f.payload("ip6", "saddr"), linklocal, "!="), *v.drop("ip6-spoof")], "IPv6 source is not the guest's")
     # every IPv6 port has an nd_dispatch element (the same loop writes both)
     t.rule(c, [f.match(f.payload("icmpv6", "type"), "nd-neighbor-advert"), f.vmap_lookup(port, "nd_dispatch")],

@@ -43,14 +43,11 @@ def port_set_types(stateful: bool) -> dict[str, tuple[list[str], bool]]:
     addresses and ports, most of a real profile), so most lookups are one hash probe."""
     out: dict[str, tuple[list[str], bool]] = {
         "port_types": (["ifname", "ether_type"], False),
-        "port_ip4": (["ifname", "ipv4_addr"], False),
-        "port_ip6": (["ifname", "ipv6_addr"], False),
+        # (port, MAC, own address): the sources the guest may use, its MAC with them,
+        # so one lookup can prove its identity ahead of its fast path (compile/nft.py)
+        "port_src4": (["ifname", "ether_addr", "ipv4_addr"], False),
+        "port_src6": (["ifname", "ether_addr", "ipv6_addr"], False),
     }
-    if not stateful:
-        # (port, MAC, own address): the guest's identity in one lookup, ahead of the
-        # fast path from the guest (compile/nft.py _class_chains)
-        out["port_src4"] = (["ifname", "ether_addr", "ipv4_addr"], False)
-        out["port_src6"] = (["ifname", "ether_addr", "ipv6_addr"], False)
     policy: dict[str, list[str]] = {
         # fragments carry no ports (or too few bytes of them), so no port rule can
         # judge them: to/from peers of the profile's UDP rules, either direction
@@ -137,7 +134,6 @@ class PortPolicy:
     """One profile's elements, per set, without the port in front."""
 
     elems: dict[str, tuple[tuple[Any, ...], ...]]
-    stateful: bool = False
 
     @classmethod
     def of(cls, lp: LoadedProfile, stateful: bool) -> "PortPolicy":
@@ -162,7 +158,7 @@ class PortPolicy:
                     # ICMP errors about the flows the other side opened, from any of their peers
                     for lo, hi in _union(list(other), fam):
                         put(f"{d}_rerr{fam}", (_addr(lo, hi, fam),))
-        return cls({k: tuple(v) for k, v in elems.items()}, stateful)
+        return cls({k: tuple(v) for k, v in elems.items()})
 
 
 def port_elements(ported, templates: dict[str, PortPolicy]) -> dict[str, list[Any]]:
@@ -172,11 +168,8 @@ def port_elements(ported, templates: dict[str, PortPolicy]) -> dict[str, list[An
     for b in ported:
         types = (["arp", "ip"] if b.ipv4 else []) + (["ip6"] if b.ipv6 else [])
         out.setdefault("port_types", []).extend(Concat((b.port, t)) for t in types)
-        out.setdefault("port_ip4", []).extend(Concat((b.port, a)) for a in sorted(b.ipv4, key=netaddr.IPAddress))
-        out.setdefault("port_ip6", []).extend(Concat((b.port, a)) for a in sorted(b.ipv6, key=netaddr.IPAddress))
-        if not templates[b.profile].stateful:
-            for fam, addrs in ((4, b.ipv4), (6, b.ipv6)):
-                out.setdefault(f"port_src{fam}", []).extend(Concat((b.port, b.mac, a)) for a in sorted(addrs, key=netaddr.IPAddress))
+        for fam, addrs in ((4, b.ipv4), (6, b.ipv6)):
+            out.setdefault(f"port_src{fam}", []).extend(Concat((b.port, b.mac, a)) for a in sorted(addrs, key=netaddr.IPAddress))
         for name, tuples in templates[b.profile].elems.items():
             if not (b.ipv4 if _family(name) == 4 else b.ipv6):
                 continue  # the port drops that family before any lookup

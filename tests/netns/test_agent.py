@@ -208,7 +208,7 @@ def test_libvirt_style_tap_is_bound_and_a_burst_from_its_first_frame_never_reach
     assert [NEW_PORT, {"goto": {"target": "gout_inet_dom_deny"}}] in elems(table, "out_dispatch")
     assert [NEW_PORT, {"goto": {"target": "gin_inet_dom_deny"}}] in elems(table, "in_dispatch")
     # and its policy: elements keyed by its port in the fleet-wide sets
-    assert any(e["concat"][0] == NEW_PORT for e in elems(table, "port_ip4"))
+    assert any(e["concat"][0] == NEW_PORT for e in elems(table, "port_src4"))
     assert any(e["concat"][0] == NEW_PORT for e in elems(table, "out_open4") + elems(table, "out_open4_x"))
     assert {"concat": [NEW_MAC, NEW_PORT]} in elems(table, "bound_ports")
     applied = [l for l in agent.logs() if l["event"] == "applied" and "link-new" in l.get("reasons", [])]
@@ -293,7 +293,7 @@ def test_an_unbind_leaves_inert_leftovers_a_bind_of_the_port_settles_them_and_a_
         table = live_table(hv)
         # the range stays, unreachable: no dispatch element for the port, no identity
         assert new_range in elems(table, "out_open4")
-        assert not any(e["concat"][0] == NEW_PORT for name in ("port_types", "port_ip4", "out_open4_x", "bound_ports")
+        assert not any(e["concat"][0] == NEW_PORT for name in ("port_types", "port_src4", "out_open4_x", "bound_ports")
                        for e in elems(table, name))
         assert any("leave 1 interval-set elements of vnet19" in c for l in agent.logs() if l["event"] == "applied"
                    for c in l.get("changes", ()))

@@ -119,12 +119,9 @@ def check_encodings(case: str, tmp_path: Path) -> None:
         sock.close()
     # every kind of object the agent writes was exercised: maps with jump and goto,
     # hash and interval (pipapo) sets, MAC and ethertype keys
-    assert {"out_dispatch", "nd_dispatch", "bound_ports", "port_types", "port_ip6", "out_open4", "out_open6",
+    assert {"out_dispatch", "nd_dispatch", "bound_ports", "port_types", "port_src6", "out_open4", "out_open6",
             "in_open4", "in_open6", "out_echo4", "legacy_macs", "frag4_x"} <= set(checked), sorted(checked)
-    if case == "stateful":
-        assert not {"port_src4", "port_src6"} & set(checked)
-    else:
-        assert {"port_src4", "port_src6"} <= set(checked)  # (ifname, ether_addr, address) keys
+    assert {"port_src4", "port_src6"} <= set(checked)  # (ifname, ether_addr, address) keys
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -175,7 +172,7 @@ def test_unencodable_elements_are_refused_before_anything_is_sent(ns, tmp_path):
     plan, applier, live = applied("lab-example", tmp_path)
     with pytest.raises(nfnl.Unencodable):
         nfnl.element_batch(plan.table, live.spec, [("out_open4", [next(iter(live.elems["out_open4"].values()))])],
-                           [("port_ip4", [{"concat": ["vnet9", "2001:db8::1"]}])])
+                           [("port_src4", [{"concat": ["vnet9", "52:54:00:aa:00:09", "2001:db8::1"]}])])
     with pytest.raises(nfnl.Unencodable):
         nfnl.element_batch(plan.table, live.spec, [], [("internal", ["10.0.0.0/8"])])  # not port-keyed
     assert applier.same(plan, applier.realized(plan.table))

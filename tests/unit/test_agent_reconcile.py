@@ -40,7 +40,7 @@ def test_a_tap_appearing_is_element_additions_only(config):
     # its profile's policy arrives as elements keyed by its port, nothing else
     assert {"concat": ["vnet8", "10.30.0.20", "tcp", 1433]} in adds["out_open4_x"]
     assert {"concat": ["vnet8", "fd00:30::30", "tcp", 22]} in adds["in_open6_x"]
-    assert {"concat": ["vnet8", "10.30.0.16"]} in adds["port_ip4"]
+    assert {"concat": ["vnet8", "52:54:00:aa:00:02", "10.30.0.16"]} in adds["port_src4"]
     assert all(e["concat"][0] == "vnet8" if isinstance(e, dict) and name != "bound_ports" else True
                for name, elems in d.add for e in elems)
     assert not any(e for _, e in d.delete)

@@ -567,10 +567,10 @@ def test_guest_without_ipv6_whitelists_no_ip6(tmp_path):
     plan = compile_plan(load_config(write_config(tmp_path, {"p": profile("p", [guest(1), guest(2, v6=True)])})), HostFacts())
     assert port_elems(plan, "port_types", "vnet1") == [["arp"], ["ip"]]
     assert port_elems(plan, "port_types", "vnet2") == [["arp"], ["ip"], ["ip6"]]
-    assert port_elems(plan, "port_ip6", "vnet1") == []
-    assert port_elems(plan, "port_ip6", "vnet2") == [["fd00:30::1:2"]]
+    assert port_elems(plan, "port_src6", "vnet1") == []
+    assert port_elems(plan, "port_src6", "vnet2") == [["52:54:00:00:00:02", "fd00:30::1:2"]]
     six = [n for n in port_keyed_sets(plan) if n.endswith("6")]
-    assert {"out_open6", "frag6", "port_ip6"} <= set(six)
+    assert {"out_open6", "frag6", "port_src6"} <= set(six)
     assert all(port_elems(plan, n, "vnet1") == [] for n in six)
     assert port_elems(plan, "out_open6", "vnet2") == [["fd00:30::20", "tcp", 1433]]
     # both dispatch to the same chain: the ethertype check against port_types is what drops g1's IPv6
@@ -595,9 +595,9 @@ def test_ipv6_only_guest_gets_no_arp(tmp_path):
     g = {"name": "g1", "mac": "52:54:00:00:00:01", "port": "vnet1", "ipv6": ["fd00:30::1:1"]}
     plan = compile_plan(load_config(write_config(tmp_path, {"p": profile("p", [g])})), HostFacts())
     assert port_elems(plan, "port_types", "vnet1") == [["ip6"]]
-    assert port_elems(plan, "port_ip4", "vnet1") == []
+    assert port_elems(plan, "port_src4", "vnet1") == []
     assert all(port_elems(plan, n, "vnet1") == [] for n in port_keyed_sets(plan) if n.endswith("4"))
-    assert port_elems(plan, "port_ip6", "vnet1") == [["fd00:30::1:1"]]
+    assert port_elems(plan, "port_src6", "vnet1") == [["52:54:00:00:00:01", "fd00:30::1:1"]]
     assert port_elems(plan, "out_open6", "vnet1") == [["fd00:30::20", "tcp", 1433]]
 
 
@@ -650,15 +650,13 @@ def test_identity_checks_precede_everything_else_from_the_guest():
         own = rs[2:]
         ident = own[:next(i for i, r in enumerate(own) if has_expr(r, "jump"))]
         keys = [s for r in ident for _, s in lookups(r)]
-        assert keys == ["bound_ports", "port_types", "port_types", "port_ip4", "bound_ports", "port_ip4", "port_ip6"]
+        assert keys == ["bound_ports", "port_types", "port_types", "port_src4", "bound_ports", "port_src4", "port_src6"]
         accepts = [i for i, r in enumerate(ident) if r["expr"][-1] == {"accept": None}]
         assert accepts == [6] and ident[6]["expr"][0]["match"]["right"] == "arp"
         spoof6 = ident[8]
         assert spoof6["comment"] == "IPv6 source is not the guest's" and spoof6["expr"][-1] == {"drop": None}
         # neighbour advertisements go to the guest's ND-target chain through its port
         assert ident[9]["expr"][-1] == {"vmap": {"key": {"meta": {"key": "iifname"}}, "data": "@nd_dispatch"}}
-    assert port_elems(plan, "port_ip4", "vnet7") == [["10.30.0.15"]]
-    assert port_elems(plan, "port_ip6", "vnet8") == [["fd00:30::16"]]
     nd = rules(plan, "nd_scada_line4_srv")
     assert nd[-1]["expr"] == [{"counter": None}, {"drop": None}] and all(r["expr"][-1] == {"return": None} for r in nd[:-1])
 
@@ -972,7 +970,7 @@ def test_reachable_names_what_a_guest_policy_uses():
     assert {"gout_inet_dom_allow", "gin_inet_dom_allow", "nd_scada_line4_srv", "gout_inet_dom_allow_fast4",
             "gout_inet_dom_allow_fast6", "common_out_inet_dom", "common_in_inet_dom", "common_frag", "common_out_post_dom"} == chains
     # the guard-rail sets and the port-keyed policy sets its rules look up
-    assert {"mgmt4", "hyp6", "dc4", "internal6", "ad_ports", "bound_ports", "port_types", "port_ip4", "port_ip6",
+    assert {"mgmt4", "hyp6", "dc4", "internal6", "ad_ports", "bound_ports", "port_types", "port_src4", "port_src6",
             "out_open4", "in_open6", "frag4", "out_rerr6", "nd_dispatch"} <= sets
     assert not any(c.endswith("_deny") for c in chains), "xp-line3's chains are not scada-line4's"
     # from a base chain, every guest's chains hang off the dispatch maps

@@ -208,8 +208,10 @@ def test_every_element_lands_in_a_declared_set_of_the_right_arity(loaded):
 def test_identity_elements_follow_the_guests_addresses(loaded):
     el = port_elements(bindings(), {"p": PortPolicy.of(loaded, False)})
     assert [e["concat"] for e in el["port_types"]] == [["vnet1", "arp"], ["vnet1", "ip"], ["vnet2", "arp"], ["vnet2", "ip"], ["vnet2", "ip6"]]
-    assert [e["concat"] for e in el["port_ip4"]] == [["vnet1", "10.30.1.1"], ["vnet2", "10.30.1.2"]]
-    assert [e["concat"] for e in el["port_ip6"]] == [["vnet2", "fd00:30::1:2"]]
+    # (port, its MAC, each of its addresses)
+    assert [e["concat"][::2] for e in el["port_src4"]] == [["vnet1", "10.30.1.1"], ["vnet2", "10.30.1.2"]]
+    assert [e["concat"][::2] for e in el["port_src6"]] == [["vnet2", "fd00:30::1:2"]]
+    assert {e["concat"][1] for e in el["port_src4"]} == {b.mac for b in bindings()}
     # a family the guest lacks gets no elements at all
     assert not [e for n, items in el.items() if n.removesuffix("_x").endswith("6") for e in items if e["concat"][0] == "vnet1"]
 
