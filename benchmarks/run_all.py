@@ -29,8 +29,9 @@ def main() -> None:
     mods = {"compile": bench_compile, "apply": bench_apply, "forwarding": bench_forwarding,
             "forwarding-pinned": bench_forwarding, "verify": bench_verify, "nwfilter": bench_nwfilter, "plug": bench_plug}
     # the pinned run: sender, receiver and the bridge's filtering on one core, the
-    # cost per packet of one core, the scheduler moving nothing (results/forwarding-cpu1.json)
-    full = {"forwarding-pinned": ["--cpu", "1"]}
+    # cost per packet of one core, the scheduler moving nothing, and perf's count of
+    # that core's time in nftables (results/forwarding-cpu1.json)
+    full = {"forwarding-pinned": ["--cpu", "1", "--perf"]}
     failed, spent = [], {}
     for name, mod in mods.items():
         if args.only and name not in args.only:

@@ -382,7 +382,8 @@ def read_back_port_chains(nft: Nft, table: str, live: LiveElements, delta: Eleme
 # in the kernel as leftovers. They allow nothing: every lookup in those sets is keyed by
 # the port (iifname from the guest, oifname to it) and sits in chains entered only
 # through out_dispatch/in_dispatch under the same key, whose element the unbind
-# deleted. A bind to that port name settles them in its own transaction (keeps what the
+# deleted (the base chains' fast path looks up hash sets only: test_compile holds
+# it). A bind to that port name settles them in its own transaction (keeps what the
 # new guest wants, deletes the rest), and the agent deletes the others one port at a
 # time when it is quiet (Reconciler.collect_leftover).
 
