@@ -412,6 +412,9 @@ def _measure(agent: "AgentProc", d: Path, n: int, plugs: int, shape: str, idle_s
             unplug.append(time.perf_counter() - t1)
     edits = _edits(agent, d, n, edits_wanted, sinks) if shape == "per-guest" and edits_wanted else {}
     mem_end = agent.status()
+    # the agent's forked children (its commits, loads, writers) are measured apart:
+    # their largest RSS, shared pages included, as of the agent's last state write
+    children_peak = agent.state_json().get("children_rss_peak_bytes")
     log_lines = (d / "agent.log").read_text().splitlines()
     applied = [json.loads(ln) for ln in log_lines if '"applied"' in ln]
     kinds: dict[str, int] = {}
@@ -429,7 +432,8 @@ def _measure(agent: "AgentProc", d: Path, n: int, plugs: int, shape: str, idle_s
         "unplug_table": c.summarize(unplug), "timeouts": timeouts,
         "blocked_frames_arrived": blocked_arrived,
         "rss_idle_bytes": mem_idle.get("VmRSS"), "rss_end_bytes": mem_end.get("VmRSS"),
-        "rss_peak_bytes": mem_end.get("VmHWM"), "idle_cpu_fraction": idle_cpu, "idle_seconds": idle_seconds,
+        "rss_peak_bytes": mem_end.get("VmHWM"), "children_rss_peak_bytes": children_peak,
+        "idle_cpu_fraction": idle_cpu, "idle_seconds": idle_seconds,
         "applies_by_kind": kinds,
         # what the agent itself says each apply took (its log's "applied" events)
         "agent_apply_seconds": {k: c.summarize(v) for k, v in apply_s.items()},
@@ -476,10 +480,12 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(c.stat_row(f"{r['guests']} guests: agent's own {kind} apply", st))
     c.table("plug: link created -> enforced", c.STAT_HEADERS, rows)
     mb = 1 / (1 << 20)
-    c.table("plug: agent", ["guests", "plugs", "ready", "RSS idle", "RSS peak", "idle CPU", "blocked arrived", "timeouts",
+    c.table("plug: agent", ["guests", "plugs", "ready", "RSS idle", "RSS peak", "children's peak", "idle CPU", "blocked arrived", "timeouts",
                             "old port after edit", "applies"],
             [[r["guests"], r["plugs"], c.fmt_s(r["agent_ready_s"]), f"{(r['rss_idle_bytes'] or 0) * mb:.1f} MB",
-              f"{(r['rss_peak_bytes'] or 0) * mb:.1f} MB", f"{r['idle_cpu_fraction'] * 100:.2f} %",
+              f"{(r['rss_peak_bytes'] or 0) * mb:.1f} MB",
+              f"{r['children_rss_peak_bytes'] * mb:.1f} MB" if r.get("children_rss_peak_bytes") else "-",
+              f"{r['idle_cpu_fraction'] * 100:.2f} %",
               r["blocked_frames_arrived"], r["timeouts"] + r.get("edit_timeouts", 0), r.get("old_port_after_switch", "-"),
               " ".join(f"{k}={v}" for k, v in sorted(r["applies_by_kind"].items()))] for r in cases])
     p99s = [r["enforced_frame"].get("p99") for r in cases if r["enforced_frame"].get("n")]

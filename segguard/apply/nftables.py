@@ -237,6 +237,13 @@ class NftablesApplier:
         # around the replace's commit and read-back: sock -> context manager (the
         # agent's NftMonitor.quiet: it stops listening to our own notifications)
         self.quiet: Callable[[Any], ContextManager[Any]] | None = None
+        # the agent's choice: the replace and the rebuild are encoded, committed and read
+        # back in a forked child. At 1,000 guests the batch and its read-back are ~17 MB
+        # of short-lived objects, which in the long-lived agent became its RSS peak (and,
+        # fragmented, part of its idle RSS); the child's memory is gone when it exits.
+        self.in_child = False
+        self.child_failure = ""  # why the last forked commit fell back to this process
+        self.commits = 0  # batches the kernel accepted through this applier's socket
 
     def realized(self, table: str) -> list[dict[str, Any]] | None:
         """Everything of ours in the kernel; None when the policy table is absent."""
@@ -281,6 +288,11 @@ class NftablesApplier:
     def _apply_nfnl(self, plan: Plan) -> bool:
         """The one-batch replace of apply/nfnl_table.py, read back from the kernel's
         dumps. Raises Unencodable before sending anything it cannot encode."""
+        if self.in_child:
+            return self._forked(lambda: self._apply_nfnl_here(plan), lambda: replace_batch(plan))
+        return self._apply_nfnl_here(plan)
+
+    def _apply_nfnl_here(self, plan: Plan) -> bool:
         from segguard.apply import nfnl, nfnl_table
 
         with gc_paused():  # ~10^5 short-lived byte strings and no cycles among them
@@ -304,6 +316,12 @@ class NftablesApplier:
         (nfnl_table._rebuild says why and how), then read back what it wrote. The rest
         of the table must already be the plan's: the caller knows it is. Raises
         Unencodable before sending anything, ApplyError when refused or differing."""
+        if self.in_child:
+            self._forked(lambda: self._rebuild_here(plan, sets), lambda: rebuild_batch(plan, sets))
+            return
+        self._rebuild_here(plan, sets)
+
+    def _rebuild_here(self, plan: Plan, sets: set[str]) -> None:
         from segguard.apply import nfnl_table
 
         with gc_paused():
@@ -313,6 +331,44 @@ class NftablesApplier:
         if after is None or after:
             raise ApplyError(f"read-back of the rebuilt sets of table bridge {plan.table} differs from the plan",
                              details=after or ["the table is absent after the commit"])
+
+    def _forked(self, work: Callable[[], Any], as_json: Callable[[], Any]) -> Any:
+        """`work` (a commit through nfnetlink and its read-back) run in a forked child,
+        its answer or its ApplyError / Unencodable handed back; the JSON an ApplyError
+        carries is built here, only when one is raised. The quiet window is this
+        process's (its monitor, its socket's generation), around the child's commit. A
+        child that died or could not answer leaves the work to this process: whatever
+        it committed is then found in place by the read-back before any send."""
+        from segguard.apply.nfnl import Unencodable
+        from segguard.child import result_of_child
+
+        def child() -> tuple:
+            self._sock, self.quiet, self.commits = None, None, 0  # a socket of its own
+            try:
+                value = work()
+            except ApplyError as exc:
+                return "apply-error", self.commits, self.road, (str(exc), exc.kernel_error, exc.details)
+            except Unencodable as exc:
+                return "unencodable", self.commits, self.road, str(exc)
+            return "done", self.commits, self.road, value
+
+        sock = self._socket()
+        with self.quiet(sock) if self.quiet else contextlib.nullcontext() as window:
+            ok, answer = result_of_child(child)
+            if ok and window is not None:
+                window.commits += answer[1]
+        if not ok:
+            self.child_failure = str(answer)
+            return work()
+        self.child_failure = ""
+        kind, commits, self.road, value = answer
+        self.commits += commits
+        if kind == "apply-error":
+            message, kernel_error, details = value
+            raise ApplyError(message, batch=as_json(), kernel_error=kernel_error, details=details)
+        if kind == "unencodable":
+            raise Unencodable(value)
+        return value
 
     def _socket(self):
         from segguard.apply import nfnl
@@ -334,6 +390,7 @@ class NftablesApplier:
             except nfnl.NetlinkError as exc:
                 raise ApplyError(f"{refused}: {exc.strerror}", batch=as_json() if as_json else None,
                                  kernel_error=str(exc)) from exc
+            self.commits += 1
             if window is not None:
                 window.commits += 1
             try:

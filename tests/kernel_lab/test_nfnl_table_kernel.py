@@ -21,10 +21,11 @@ def test_the_lab_kernel_holds_what_libnftables_writes(ns, case, tmp_path):
     t.check_same_as_libnftables(plan)
 
 
-def test_apply_takes_the_nfnetlink_road_on_the_lab_kernel(ns, tmp_path):
+@pytest.mark.parametrize("in_child", [False, True], ids=["in-process", "forked"])
+def test_apply_takes_the_nfnetlink_road_on_the_lab_kernel(ns, tmp_path, in_child):
     plan = t.full_plan("stateful", tmp_path)
     t.make_ports(plan)
-    t.check_apply_road(plan)
+    t.check_apply_road(plan, in_child)
 
 
 @pytest.mark.parametrize("what", ["element", "rule", "netdev"])
@@ -32,7 +33,8 @@ def test_tampering_is_seen_and_repaired_on_the_lab_kernel(ns, tmp_path, what):
     t.check_tampering(t.full_plan("lab-example", tmp_path), what)
 
 
-def test_a_rebuild_leaves_exactly_the_target_plan_on_the_lab_kernel(ns, tmp_path):
+@pytest.mark.parametrize("in_child", [False, True], ids=["in-process", "forked"])
+def test_a_rebuild_leaves_exactly_the_target_plan_on_the_lab_kernel(ns, tmp_path, in_child):
     plan = t.full_plan("stateful", tmp_path)
     assert plan.stateful
-    t.check_rebuild(plan)
+    t.check_rebuild(plan, in_child)

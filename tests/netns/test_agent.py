@@ -383,10 +383,14 @@ def test_table_deleted_by_hand_is_repaired_logged_and_counted(lab, agent):
     assert diff_objects(good, live_table(hv)).empty
     drift = [l for l in agent.logs() if l["event"] == "drift"]
     assert drift and drift[0]["kind"] == "table-deleted" and drift[0]["level"] == "warning", drift
+    # the repair is the full replace, which the agent has a forked child commit
+    repair = [l for l in agent.logs() if l["event"] == "applied" and l["kind"] == "full" and l["ts"] >= drift[0]["ts"]]
+    assert repair and "in_process_because" not in repair[0], repair
     wait_for(lambda: 'segguard_drift_events_total{kind="table-deleted"} 1.0' in agent.metrics(), "the drift counter")
     # the state file is written once the repair is read back, a moment after the counter
     st = wait_for(lambda: (s := agent.state_json() or {}).get("last_drift") and s, "the drift in the agent state")
     assert st["last_drift"]["kind"] == "table-deleted"
+    assert st["children_rss_peak_bytes"] > 0
     assert st["guests"]["xp-line3-hmi"]["last_drift"]["kind"] == "table-deleted"
 
     # a changed element (a port's verdict re-pointed by hand) is drift too

@@ -123,21 +123,66 @@ def test_a_fleet_is_written_as_libnftables_writes_it(ns, tmp_path):
     check_same_as_libnftables(plan)
 
 
-def check_apply_road(plan: Plan) -> None:
+def check_apply_road(plan: Plan, in_child: bool = False) -> None:
     applier = NftablesApplier()
+    applier.in_child = in_child
     try:
         assert applier.apply(plan) is True
         assert applier.road == "nfnetlink", applier.unencodable
         assert applier.same(plan, applier.realized(plan.table)), "libnftables' listing must agree"
         assert applier.apply(plan) is False, "a second apply of the same plan sends nothing"
+        assert applier.child_failure == ""
+        assert applier.commits == 1, "one batch accepted (by the child, when forked), counted here"
     finally:
         applier.close()
 
 
-def test_apply_takes_the_nfnetlink_road_and_libnftables_agrees(ns, tmp_path):
+@pytest.mark.parametrize("in_child", [False, True], ids=["in-process", "forked"])
+def test_apply_takes_the_nfnetlink_road_and_libnftables_agrees(ns, tmp_path, in_child):
     plan = full_plan("lab-example", tmp_path)
     make_ports(plan)
-    check_apply_road(plan)
+    check_apply_road(plan, in_child)
+
+
+def test_a_forked_apply_builds_the_batch_in_the_child_only(ns, tmp_path, monkeypatch):
+    """The agent's road (in_child): the replace's batch and read-back are built by the
+    forked child, never by the agent, whose heap they would otherwise leave at its
+    peak. Counted here in the parent: the child's calls die with the child."""
+    plan = full_plan("lab-example", tmp_path)
+    make_ports(plan)
+    built = []
+    real = nfnl_table.replace
+    monkeypatch.setattr(nfnl_table, "replace", lambda *a, **kw: built.append(a) or real(*a, **kw))
+    applier = NftablesApplier()
+    applier.in_child = True
+    try:
+        assert applier.apply(plan) is True and applier.road == "nfnetlink"
+        assert built == [], "the agent's process encoded the batch itself"
+        applier.in_child = False
+        assert applier.apply(plan) is False, "the kernel holds the plan the child sent"
+        assert len(built) == 1, "control: in process the batch is built here"
+    finally:
+        applier.close()
+
+
+def test_a_forked_apply_whose_child_fails_is_done_in_process(ns, tmp_path, monkeypatch):
+    """A child that cannot answer (fork refused, killed, unpicklable answer) must not
+    leave the guests unguarded: the work is done in the agent's process instead, and
+    the reason is kept for the agent's log."""
+    import segguard.child
+
+    plan = full_plan("lab-example", tmp_path)
+    make_ports(plan)
+    monkeypatch.setattr(segguard.child, "result_of_child", lambda fn: (False, "the child sent nothing (wait status 9)"))
+    applier = NftablesApplier()
+    applier.in_child = True
+    try:
+        assert applier.apply(plan) is True and applier.road == "nfnetlink"
+        assert "wait status 9" in applier.child_failure
+        applier.in_child = False
+        assert applier.apply(plan) is False
+    finally:
+        applier.close()
 
 
 def _tamper(nft: Nft, plan: Plan, what: str) -> None:
@@ -178,10 +223,12 @@ def check_tampering(plan: Plan, what: str) -> None:
         applier.close()
 
 
-def test_a_refused_batch_leaves_the_previous_policy_whole(ns, tmp_path):
+@pytest.mark.parametrize("in_child", [False, True], ids=["in-process", "forked"])
+def test_a_refused_batch_leaves_the_previous_policy_whole(ns, tmp_path, in_child):
     plan = full_plan("lab-example", tmp_path)
     make_ports(plan)
     applier = NftablesApplier()
+    applier.in_child = in_child
     assert applier.apply(plan)
     # a dispatch element that jumps to a chain no plan has: libnftables' child never
     # sees elements of the port-keyed maps, so only the kernel can refuse it
@@ -196,11 +243,13 @@ def test_a_refused_batch_leaves_the_previous_policy_whole(ns, tmp_path):
         applier.apply(Plan(plan.table, plan.stateful, plan.bindings, tuple(bad)))
     assert applier.road == "nfnetlink"
     assert "no_such_chain" in json.dumps(info.value.batch), "the error carries the equivalent libnftables JSON"
+    assert info.value.kernel_error, "and what the kernel said"
     assert applier.apply(plan) is False, "the refused batch must have changed nothing"
     applier.close()
 
 
-def test_what_the_road_does_not_encode_goes_through_libnftables(ns, tmp_path):
+@pytest.mark.parametrize("in_child", [False, True], ids=["in-process", "forked"])
+def test_what_the_road_does_not_encode_goes_through_libnftables(ns, tmp_path, in_child):
     plan = full_plan("lab-example", tmp_path)
     make_ports(plan)
     chain = ports_of_chain(plan)
@@ -208,6 +257,7 @@ def test_what_the_road_does_not_encode_goes_through_libnftables(ns, tmp_path):
                       "expr": [{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "vnet7"}}, {"counter": None}]}}
     odd = Plan(plan.table, plan.stateful, plan.bindings, (*plan.nft, extra))
     applier = NftablesApplier()
+    applier.in_child = in_child
     assert applier.apply(odd) and applier.road == "libnftables" and "iifname" in applier.unencodable
     assert applier.same(odd, applier.realized(plan.table))
     applier.close()
@@ -254,11 +304,12 @@ def test_other_tables_neither_disturb_the_read_back_nor_are_touched(ns, tmp_path
     assert {f: nft.list_table("sgt_foreign", f) for f in ("bridge", "netdev")} == before
 
 
-def test_a_rebuild_rewrites_its_sets_and_their_chains_and_nothing_else(ns, tmp_path):
-    check_rebuild(full_plan("lab-example", tmp_path))
+@pytest.mark.parametrize("in_child", [False, True], ids=["in-process", "forked"])
+def test_a_rebuild_rewrites_its_sets_and_their_chains_and_nothing_else(ns, tmp_path, in_child):
+    check_rebuild(full_plan("lab-example", tmp_path), in_child)
 
 
-def check_rebuild(wide: Plan) -> None:
+def check_rebuild(wide: Plan, in_child: bool = False) -> None:
     """NftablesApplier.rebuild of the interval sets (how the agent collects leftovers)
     to fewer elements: afterwards the whole table is exactly the target plan; the
     partial read-back sees a changed element; a refused rebuild changes nothing."""
@@ -273,6 +324,7 @@ def check_rebuild(wide: Plan) -> None:
     assert sum(len(o["set"].get("elem", [])) for o in target.nft if "set" in o and o["set"]["name"] in names) < \
         sum(len(o["set"].get("elem", [])) for o in wide.nft if "set" in o and o["set"]["name"] in names)
     applier = NftablesApplier()
+    applier.in_child = in_child
     sock = nfnl.NfnlSocket()
     try:
         assert applier.apply(wide)

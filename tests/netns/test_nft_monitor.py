@@ -68,6 +68,43 @@ def test_our_replace_in_quiet_sends_it_nothing_and_counts_nothing_missed(ns, tmp
         mon.close()
 
 
+def test_a_replace_committed_by_the_forked_child_is_ours_in_quiet(ns, tmp_path: Path):
+    """The agent's replace is sent by a forked child (NftablesApplier.in_child) through
+    a socket of its own; the window is the agent's, and the child's one accepted batch
+    is declared to it: nothing queued, nothing missed. A foreign commit meanwhile still
+    counts (the same window, the next test's control)."""
+    plan = full_plan("lab-example", tmp_path)
+    make_ports(plan)
+    mon = NftMonitor()
+    applier = NftablesApplier()
+    applier.in_child, applier.quiet = True, mon.quiet
+    try:
+        assert applier.apply(plan) and applier.road == "nfnetlink" and applier.child_failure == ""
+        assert not _queued(mon), "the kernel wrote the child's objects to the agent's monitor"
+        assert mon.take_missed() == 0, "the child's own commit was counted as someone else's"
+
+        def with_foreign(sock):
+            cm = mon.quiet(sock)
+
+            class Both:
+                def __enter__(self):
+                    window = cm.__enter__()
+                    _foreign_commit("sgtnmon_fork")
+                    return window
+
+                def __exit__(self, *exc):
+                    return cm.__exit__(*exc)
+            return Both()
+        applier.quiet = with_foreign
+        applier.remove(plan.table)
+        mon.read()
+        assert applier.apply(plan)
+        assert mon.take_missed() == 1
+    finally:
+        applier.close()
+        mon.close()
+
+
 def test_a_foreign_commit_while_quiet_counts_as_missed(ns):
     mon = NftMonitor()
     sock = nfnl.NfnlSocket()
