@@ -549,10 +549,10 @@ class Reconciler:
                 self.metrics.applies.labels(kind, "ok").inc()
                 self.metrics.apply_seconds.labels(kind).observe(seconds)
             extra = {"txn": self._sent_by} if kind == "incremental" and self.road != "full" else {}
-            if getattr(self.applier, "child_failure", ""):
+            if why := getattr(self.applier, "child_failure", ""):
                 # the forked commit failed and this process did the work: correct, but
-                # the agent's memory then holds the replace's peak again
-                extra["in_process_because"] = self.applier.child_failure
+                # the agent's memory then holds the replace's peak again (said once)
+                extra["in_process_because"], self.applier.child_failure = why, ""
             self.log.info("applied", kind=kind, road=self.road, seconds=round(seconds, 4), reasons=sorted(reasons),
                           changes=changes[:20], **extra)
         self._count_guests()
