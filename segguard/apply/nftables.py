@@ -337,8 +337,9 @@ class NftablesApplier:
         its answer or its ApplyError / Unencodable handed back; the JSON an ApplyError
         carries is built here, only when one is raised. The quiet window is this
         process's (its monitor, its socket's generation), around the child's commit. A
-        child that died or could not answer leaves the work to this process: whatever
-        it committed is then found in place by the read-back before any send."""
+        child that died or could not answer leaves the work to this process: a replace
+        it committed is then found in place before any send; a rebuild is sent again,
+        which writes the same sets the same way."""
         from segguard.apply.nfnl import Unencodable
         from segguard.child import result_of_child
 
