@@ -67,6 +67,7 @@ class Agent:
         self.drift_tick = self.sched.add(Periodic(self._drift_tick, drift_every))
         self.sel: selectors.BaseSelector | None = None
         self._checker: tuple[int, int, int, float] | None = None  # pid, read fd, generation, started
+        self._collecting = None  # (reconcile.LeftoverCollection, child.Child) while a child encodes one
         self.plan_writer = ForkedWriter()  # the applied plan's file
         self.links = None  # events.LinkMonitor, once running
         # after the runner: a reconcile requested meanwhile runs before the next guest's verify
@@ -80,7 +81,8 @@ class Agent:
         self.state_writer = self.sched.add(Deferred(self._write_state, 0.2, settle=2.0))
         # an unbind leaves its port's interval-set elements (inert without a dispatch
         # element: apply/incremental.py says why); deleting one port's costs the kernel
-        # up to ~0.5 s with 900 ports bound, so it waits for a lull in the reconciles
+        # up to ~0.5 s with 900 ports bound, so they are deleted by a rebuild of their
+        # sets when the reconciles lull (encoded by a child, committed in ~50 ms)
         self.collector = self.sched.add(WhenQuiet(self._collect, leftover_quiet))
         self._reload = False
 
@@ -125,11 +127,46 @@ class Agent:
             self.collector.touch(time.monotonic(), at_once=left > LEFTOVER_CAP)
 
     def _collect(self) -> None:
-        """Unbound ports' leftovers, when no reconcile is waiting (or past the cap)."""
+        """Unbound ports' leftovers, when no reconcile is waiting (or past the cap). The
+        rebuild that deletes them is encoded by a forked child while the loop goes on
+        (Reconciler.begin_collect); its answer is committed in the loop (_collected)."""
+        from segguard.child import fork_child
+
+        if self._collecting is not None:
+            return  # its answer touches the collector again if more are left by then
         if self.runner.pending and len(self.rec.leftover_ports) <= LEFTOVER_CAP:
             self.collector.touch(time.monotonic())  # the reconcile first; it touches again
             return
-        self.rec.collect_leftover()
+        if self.sel is None:  # no loop to wait in
+            self.rec.collect_leftover()
+            self._after_collect()
+            return
+        job = self.rec.begin_collect()
+        if job is None:  # nothing to encode apart: done (or nothing to do)
+            self._after_collect()
+            return
+        try:
+            child = fork_child(job.encode)
+        except OSError as exc:
+            self.log.warning("fork-failed", what="leftover collection", error=str(exc))
+            self.rec.collect_leftover()
+            self._after_collect()
+            return
+        self._collecting = (job, child)
+        self.sel.register(child.fd, selectors.EVENT_READ, "collect-child")
+        self.log.info("leftover-collect-started", ports=job.ports[:20], port_count=len(job.ports), elements=job.elements)
+
+    def _collected(self) -> None:
+        job, child = self._collecting
+        self._collecting = None
+        self.sel.unregister(child.fd)
+        ok, answer = child.answer()
+        self.rec.finish_collect(job, ok, answer)
+        self._after_collect()
+
+    def _after_collect(self) -> None:
+        if left := len(self.rec.leftover_ports):  # unbinds while it was encoded
+            self.collector.touch(time.monotonic(), at_once=left > LEFTOVER_CAP)
         if not self.rec.in_sync():
             self.runner.request("leftover-collect-failed")
             return
@@ -452,6 +489,8 @@ class Agent:
                             self.runner.request("config", urgent=self._config_urgent(time.monotonic()))
                     elif key.data == "drift-child":
                         self._drift_answer()
+                    elif key.data == "collect-child":
+                        self._collected()
                     elif key.data == "signal":
                         os.read(rfd, 4096)
                 except Exception as exc:  # noqa: BLE001 - a bad event must not stop enforcement
@@ -474,6 +513,9 @@ class Agent:
         middle of a 5,000-guest plan, and its file must be whole), a drift checker is
         only reading and is stopped."""
         self.plan_writer.wait()
+        if self._collecting is not None:  # only encoding: the kernel has not seen it
+            self._collecting[1].kill()
+            self._collecting = None
         if self._checker is not None:
             pid = self._checker[0]
             with contextlib.suppress(ProcessLookupError):

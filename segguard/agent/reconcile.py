@@ -15,15 +15,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from segguard.agent.vlans import FULL_CHECK, restore_view
-from segguard.apply.incremental import (ELEMENT_OBJECTS, LiveElements, apply_delta, collect_delta, delta_batch,
-                                        element_delta, interval_deletes, interval_elements, read_back_elements,
-                                        read_back_touched, rebind_delta, record_leftovers, send_delta, settle_leftovers,
+from segguard.apply.incremental import (ELEMENT_OBJECTS, LiveElements, apply_delta, catch_up_delta, collect_delta,
+                                        delta_batch, element_delta, in_force_elements, interval_deletes,
+                                        interval_elements, read_back_elements, read_back_touched, rebind_delta,
+                                        record_collected, record_leftovers, send_delta, settle_leftovers,
                                         without_leftovers)
 from segguard.apply.nftables import Fingerprint, NftablesApplier, diff_objects, normalize, rule_order
 from segguard.compile import compile_plan
@@ -319,6 +321,21 @@ def _changed_by_name(old: Config, new: Config) -> dict[str, tuple[LoadedProfile,
     if old_by.keys() != new_by.keys():
         return None
     return {name: (old_by[name], lp) for name, lp in new_by.items() if lp is not old_by[name]}
+
+
+@dataclass
+class LeftoverCollection:
+    """A collection of unbound ports' leftovers in flight (Reconciler.begin_collect):
+    `encode` runs in a forked child and answers the rebuild's batch and Expected."""
+
+    ports: list[str]
+    names: set[str]
+    before: dict[str, dict[Any, Any]]  # the rebuilt sets' elements, as the child encodes them
+    live: LiveElements                 # the view it was taken from (a full apply makes another)
+    full_gen: int
+    elements: int
+    started: float
+    encode: Callable[[], Any]
 
 
 class Reconciler:
@@ -774,6 +791,86 @@ class Reconciler:
             return
         self._live.leftover.clear()
         self.log.info("leftover-collected", ports=ports[:20], port_count=len(ports), elements=n, seconds=seconds, txn=road)
+
+    def begin_collect(self) -> "LeftoverCollection | None":
+        """The collection of every unbound port's leftovers, to be encoded by a forked
+        child while the agent goes on with its events (a rebuild's encoding costs ~0.2 s
+        at 1,000 guests, its commit ~0.05 s: a tap plugged meanwhile waits only for the
+        commit). The caller forks right away, so that the child's copy of the table is
+        the one `before` describes, runs LeftoverCollection.encode there and hands its
+        answer to finish_collect. None: nothing to collect, or a collection cheap
+        enough to do here and now (one port's few elements: an element delete), done."""
+        live, base = self._live, self._base
+        if live is None or not live.leftover or base is None or not self._realized_same:
+            return None
+        encode = getattr(self.applier, "encode_rebuild", None)
+        ports = list(live.leftover)
+        n = sum(len(e) for by_set in live.leftover.values() for e in by_set.values())
+        if encode is None or (len(ports) == 1 and interval_elements(live) - n < FEW_REMAINING):
+            self.collect_leftover()
+            return None
+        names = {name for name, elems in collect_delta(live, ports).delete if elems}
+
+        # a test's way to land binds while the child encodes (tests/netns/test_agent.py)
+        delay = float(os.environ.get("SEGGUARD_TEST_COLLECT_DELAY") or 0)
+
+        def in_child():
+            time.sleep(delay)
+            plan = dataclasses.replace(base, nft=tuple(without_leftovers(live).objects(base.nft, base.table)))
+            return encode(plan, names)
+        return LeftoverCollection(ports, names, in_force_elements(live, names), live, self._full_gen, n,
+                                  time.monotonic(), in_child)
+
+    def finish_collect(self, job: "LeftoverCollection", ok: bool, answer: Any) -> None:
+        """Commit a collection the child encoded (begin_collect), brought up to date in
+        the same transaction with what was committed since (catch_up_delta), and read
+        back: the rebuilt sets and their chains, every element. A table replaced
+        meanwhile makes it moot (the full apply wrote no leftovers: those left are
+        newer); a child that could not encode leaves it to collect_leftover. Failure
+        is as collect_leftover's: the table is unknown, the caller asks for a reconcile."""
+        from segguard.apply import nfnl_table
+        from segguard.apply.nfnl import Unencodable
+        from segguard.apply.nftables import rebuild_batch
+        from segguard.flow import writer_lock
+
+        live, base = self._live, self._base
+        if live is not job.live or self._full_gen != job.full_gen or base is None or not self._realized_same:
+            self.log.info("leftover-collect-moot", ports=job.ports[:20], why="the table was written whole meanwhile")
+            return
+        if not ok:
+            self.log.info("rebuild-encode-failed", why=str(answer)[:500])
+            self.collect_leftover()
+            return
+        batch, expected = answer
+        encoded = round(time.monotonic() - job.started, 4)
+        start = time.monotonic()
+        with writer_lock():
+            catch_up = catch_up_delta(live, job.before, job.ports)
+            try:
+                nfnl_table.extend_rebuild(batch, expected, live.spec, list(catch_up.delete), list(catch_up.add))
+            except Unencodable as exc:
+                self.log.info("rebuild-encode-failed", why=f"the catch-up: {exc}")
+                self.collect_leftover()
+                return
+
+            def as_json():  # what the batch asks the kernel for, as libnftables JSON
+                view = LiveElements(live.kind, {k: dict(v) for k, v in live.elems.items()}, live.netdev, live.spec,
+                                    copy.deepcopy(live.leftover))
+                record_collected(view, job.names, job.ports)
+                return rebuild_batch(dataclasses.replace(base, nft=tuple(view.objects(base.nft, base.table))), job.names)
+            self.generation += 1
+            try:
+                self.applier.commit_rebuild(base.table, job.names, batch, expected, as_json)
+            except SegguardError as exc:
+                self._realized_same, self._realized_other = False, None
+                self.log.warning("leftover-collect-failed", ports=job.ports[:20], why=f"rebuild refused or differs: {exc}",
+                                 seconds=round(time.monotonic() - start, 4))
+                return
+        n = record_collected(live, job.names, job.ports)
+        self._stale, self._view, self.dirty = True, None, True
+        self.log.info("leftover-collected", ports=job.ports[:20], port_count=len(job.ports), elements=n,
+                      seconds=round(time.monotonic() - start, 4), encoded_in_child_seconds=encoded,
+                      caught_up=catch_up.describe()[:20], txn="rebuild")
 
     def _rebuild_in_force(self, ports: list[str]) -> tuple[str | None, str]:
         """Rebuild the sets holding the leftovers of `ports` (all there are) with the

@@ -384,8 +384,9 @@ def read_back_port_chains(nft: Nft, table: str, live: LiveElements, delta: Eleme
 # through out_dispatch/in_dispatch under the same key, whose element the unbind
 # deleted (the base chains' fast path looks up hash sets only: test_compile holds
 # it). A bind to that port name settles them in its own transaction (keeps what the
-# new guest wants, deletes the rest), and the agent deletes the others one port at a
-# time when it is quiet (Reconciler.collect_leftover).
+# new guest wants, deletes the rest), and the agent deletes the others when it is
+# quiet, by rebuilding the sets that hold them: a child encodes the rebuild while binds
+# go on, and the commit catches up with them (Reconciler.begin_collect).
 
 def _port(elem: Any) -> str:
     return concat_fields(elem)[0]  # every policy set is keyed by (port, ...) first
@@ -504,6 +505,64 @@ def collect_delta(live: LiveElements, ports: list[str]) -> ElementDelta:
     delete = {n: [e for p in ports for e in live.leftover[p].get(n, ())] for n in names}
     return ElementDelta({n: live.kind[n] for n in names}, tuple((n, tuple(delete[n])) for n in names),
                         tuple((n, ()) for n in names))
+
+
+def in_force_elements(live: LiveElements, names: set[str] | list[str]) -> dict[str, dict[Any, Any]]:
+    """The elements of the sets `names` with every leftover deleted (by canonical key):
+    what a rebuild from the plan in force writes into them."""
+    out = {}
+    for name in names:
+        # a dict's copy keeps its keys' hashes: an interval element's is its JSON, and
+        # hashing 10,000 of them again would cost the loop ~50 ms
+        elems = dict(live.elems[name])
+        for key in _leftover_keys(live, name, list(live.leftover)):
+            elems.pop(key, None)
+        out[name] = elems
+    return out
+
+
+def _leftover_keys(live: LiveElements, name: str, ports: list[str]) -> set[Any]:
+    return {_lkey(e) for p in ports for e in live.leftover.get(p, {}).get(name, ())}
+
+
+def catch_up_delta(live: LiveElements, before: dict[str, dict[Any, Any]], ports: list[str]) -> ElementDelta:
+    """A rebuild of the sets in `before` was encoded from those elements (the plan in
+    force when it was encoded: in_force_elements) and `live` has moved on since: binds,
+    unbinds and edits were committed meanwhile. The delta that, in the rebuild's own
+    commit, brings the sets to what `live` holds now without the leftovers of `ports`
+    (the ports being collected; a port with leftovers now and not among them keeps
+    them: its unbind came after the encoding, and its elements are in `before`).
+    A bound guest's element added meanwhile is added again, one deleted meanwhile is
+    deleted again (else the rebuild would bring back an allow its guest lost)."""
+    names = sorted(before)
+    delete, add = [], []
+    for name in names:
+        elems, was = live.elems[name], before[name]
+        # sets made from dicts reuse the dicts' hashes; only what differs is hashed
+        now, old = set(elems) - _leftover_keys(live, name, ports), set(was)
+        delete.append((name, tuple(was[k] for k in old - now)))
+        add.append((name, tuple(elems[k] for k in now - old)))
+    return ElementDelta({n: live.kind[n] for n in names}, tuple(delete), tuple(add))
+
+
+def record_collected(live: LiveElements, names: set[str] | list[str], ports: list[str]) -> int:
+    """After a collection of `ports` rebuilt the sets `names` (with catch_up_delta): their
+    leftovers there are gone from the kernel, and from `live`. Leftovers in other sets
+    (a port unbound again meanwhile, with other elements) stay. Returns how many
+    elements went."""
+    n = 0
+    for name in names:
+        for k in _leftover_keys(live, name, ports):
+            n += live.elems[name].pop(k, None) is not None
+    for p in ports:
+        by_set = live.leftover.get(p)
+        if by_set is None:
+            continue
+        for name in names:
+            by_set.pop(name, None)
+        if not by_set:
+            del live.leftover[p]
+    return n
 
 
 def interval_elements(live: LiveElements) -> int:

@@ -594,6 +594,27 @@ def _rebuild(table: str, objects: list[dict[str, Any]], names: set[str], direct:
     return batch, exp
 
 
+def extend_rebuild(batch: nfnl.Batch, exp: Expected, specs: dict[str, nfnl.SetSpec],
+                   delete: list[tuple[str, list[Any]]], add: list[tuple[str, list[Any]]]) -> None:
+    """A rebuild's batch and Expected (replace(..., rebuild=...)), encoded from an older
+    plan, brought up to a newer one whose rebuilt sets differ by these elements: the
+    deletes and adds go after the sets are created, in the same commit, and the
+    read-back expects the newer plan's elements. How the agent collects leftovers with
+    the encoding done in a child while binds go on (Reconciler.begin_collect)."""
+    batch.elements(exp.table, specs, [(n, e) for n, e in delete if e], [(n, e) for n, e in add if e])
+    for name, elems in delete:
+        if elems:
+            exp.elements[name] -= Counter(nfnl.element_payloads(specs[name], elems))
+    for name, elems in add:
+        if elems:
+            exp.elements[name] += Counter(nfnl.element_payloads(specs[name], elems))
+    nfnl._FIELDS.clear()
+    for name, _ in (*delete, *add):
+        lengths = set(map(len, exp.elements[name]))
+        size = lengths.pop() if len(lengths) == 1 else None
+        exp.element_size[name] = size if size and size % 4 == 0 else None
+
+
 # ---- read-back ---------------------------------------------------------------------------
 
 def _zero_counters(exprs: bytes) -> bytes:

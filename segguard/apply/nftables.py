@@ -332,6 +332,28 @@ class NftablesApplier:
             raise ApplyError(f"read-back of the rebuilt sets of table bridge {plan.table} differs from the plan",
                              details=after or ["the table is absent after the commit"])
 
+    @staticmethod
+    def encode_rebuild(plan: Plan, sets: set[str]) -> tuple[Any, Any]:
+        """The nfnetlink batch and Expected of rebuild(plan, sets), sent by nobody: the
+        agent has a child encode them (a third of a second at 1,000 guests) while its
+        loop goes on, then commits them with commit_rebuild. Raises Unencodable."""
+        from segguard.apply import nfnl_table
+
+        with gc_paused():
+            return nfnl_table.replace(plan, rebuild=set(sets))
+
+    def commit_rebuild(self, table: str, sets: set[str], batch: Any, expected: Any,
+                       as_json: Callable[[], Any]) -> None:
+        """Send an encoded rebuild (encode_rebuild, maybe brought up to date with
+        nfnl_table.extend_rebuild) in this process, then read back what it wrote.
+        ApplyError when refused (with `as_json()`, the equivalent libnftables JSON) or
+        differing."""
+        refused = f"kernel refused the rebuild of sets {', '.join(sorted(sets))}"
+        after = self._commit(self._socket(), batch, expected, refused, as_json)
+        if after is None or after:
+            raise ApplyError(f"read-back of the rebuilt sets of table bridge {table} differs from the plan",
+                             details=after or ["the table is absent after the commit"])
+
     def _forked(self, work: Callable[[], Any], as_json: Callable[[], Any]) -> Any:
         """`work` (a commit through nfnetlink and its read-back) run in a forked child,
         its answer or its ApplyError / Unencodable handed back; the JSON an ApplyError

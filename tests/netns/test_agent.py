@@ -270,6 +270,7 @@ def test_an_unbind_leaves_inert_leftovers_a_bind_of_the_port_settles_them_and_a_
     _port[0] += 1
     agent = AgentProc(hv, cfg, tmp_path / "state", tmp_path / "agent.log", _port[0],
                       args=("--verify-every", "0", "--drift-every", "5", "--leftover-quiet", "10"))
+    agent.env["SEGGUARD_TEST_COLLECT_DELAY"] = "3"  # the child encodes for 3 s more: binds land meanwhile
     agent.start()
     try:
         def bound():
@@ -357,6 +358,27 @@ def test_an_unbind_leaves_inert_leftovers_a_bind_of_the_port_settles_them_and_a_
         assert plan.returncode == 0, plan.stdout + plan.stderr
         assert not any(e["concat"][0] in ("vnet20", "vnet21") for e in elems(live_table(hv), "out_open4"))
         assert busy() == 320
+        assert done["encoded_in_child_seconds"] >= 3, done
+
+        # newvm back on vnet20 while the child encodes the collection of its leftover:
+        # the encoded sets lack its range (kept by the bind, not re-added), so the
+        # commit must add it back, and the kernel then holds exactly a fresh compile
+        new_range20 = {"concat": ["vnet20", app.ip4, "tcp", {"range": [5000, 5099]}]}
+        _plug(lab, lab.prefix + "new4", port="vnet20")
+        wait_for(lambda: any(e[0] == "vnet20" for e in elems(live_table(hv), "out_dispatch")), "the agent to bind vnet20")
+        nl.delete_link(hv, "vnet20")
+        wait_for(lambda: (agent.state_json() or {}).get("leftover_ports") == ["vnet20"], "vnet20's leftover")
+        wait_for(lambda: any(l["event"] == "leftover-collect-started" and l["ports"] == ["vnet20"] for l in agent.logs()),
+                 "the collection to start", timeout=40)
+        _plug(lab, lab.prefix + "new5", port="vnet20")
+        wait_for(lambda: any(e[0] == "vnet20" for e in elems(live_table(hv), "out_dispatch")), "the bind during the encoding")
+        assert sum(l["event"] == "leftover-collected" for l in agent.logs()) == 2, "collected before the bind: 3 s was not enough"
+        done = collected(2)
+        assert done["ports"] == ["vnet20"] and f"add out_open4 {json.dumps(new_range20, sort_keys=True)}" in done["caught_up"], done
+        assert new_range20 in elems(live_table(hv), "out_open4") and busy() == 320
+        plan = nsrun(hv, PY, "-m", "segguard.cli", "plan", "-c", str(cfg))
+        assert plan.returncode == 0, plan.stdout + plan.stderr
+        assert probe(lab.prefix + "new5", NEW_MAC, NEW_IP) == {"5000": {"app": True}, "6000": {"app": False}}
 
         # a restart finds the busy guest's 320 leftovers in the kernel: its first road
         # replaces the table instead of deleting them one by one

@@ -368,6 +368,59 @@ def check_rebuild(wide: Plan, in_child: bool = False) -> None:
         applier.close()
 
 
+def test_a_rebuild_encoded_by_a_child_from_an_older_plan_and_caught_up_commits_the_newer(ns, tmp_path):
+    """How the agent collects leftovers while taps keep coming (Reconciler.begin_collect):
+    a forked child encodes the rebuild from the plan at its fork, binds and edits land
+    meanwhile, and the commit carries the difference (nfnl_table.extend_rebuild). The
+    whole table is then exactly the newer plan; the read-back expects the caught-up
+    elements; a catch-up the kernel refuses changes nothing and carries its JSON."""
+    from segguard.apply.incremental import LiveElements
+    from segguard.child import fork_child
+    from segguard.compile.policy import INTERVAL_SETS
+
+    wide = full_plan("lab-example", tmp_path)
+    make_ports(wide)
+    names = {o["set"]["name"] for o in wide.nft if "set" in o and o["set"]["name"] in INTERVAL_SETS}
+    name = next(o["set"]["name"] for o in wide.nft if "set" in o and o["set"]["name"] in names and len(o["set"].get("elem", ())) >= 3)
+    elems = next(o["set"]["elem"] for o in wide.nft if "set" in o and o["set"]["name"] == name)
+
+    def with_elems(plan: Plan, fn) -> Plan:
+        return Plan(plan.table, plan.stateful, plan.bindings, tuple(
+            {"set": {**o["set"], "elem": fn(o["set"]["name"], o["set"]["elem"])}} if "set" in o and o["set"]["name"] in names and o["set"].get("elem")
+            else o for o in plan.nft))
+    older = with_elems(wide, lambda n, e: e[::2])          # what the child encodes
+    gone, came = elems[0], elems[1]                         # deleted and added meanwhile
+    assert gone in elems[::2] and came not in elems[::2]
+    newer = with_elems(older, lambda n, e: [x for x in e if x != gone] + [came] if n == name else e)
+    specs = LiveElements.of(wide.nft).spec
+    applier = NftablesApplier()
+    sock = nfnl.NfnlSocket()
+    try:
+        assert applier.apply(wide)
+        ok, answer = fork_child(lambda: applier.encode_rebuild(older, names)).answer()
+        assert ok, answer
+        batch, expected = answer
+        nfnl_table.extend_rebuild(batch, expected, specs, [(name, [gone])], [(name, [came])])
+        applier.commit_rebuild(newer.table, names, batch, expected, lambda: rebuild_batch(newer, names))
+        _b, whole = nfnl_table.replace(newer)
+        assert nfnl_table.problems(sock, whole) == []
+        assert applier.apply(newer) is False
+        # the read-back expected the caught-up elements: without them it differs
+        _b, stale = nfnl_table.replace(older, rebuild=names)
+        assert nfnl_table.problems(sock, stale) == [f"set {name}: its elements differ"]
+
+        # a catch-up deleting what the encoded sets lack: refused, nothing changes
+        batch, expected = applier.encode_rebuild(older, names)
+        nfnl_table.extend_rebuild(batch, expected, specs, [(name, [elems[1]])], [])
+        with pytest.raises(ApplyError) as info:
+            applier.commit_rebuild(newer.table, names, batch, expected, lambda: rebuild_batch(newer, names))
+        assert nfnl_table.problems(sock, whole) == []
+        assert info.value.batch == rebuild_batch(newer, names) and info.value.kernel_error
+    finally:
+        sock.close()
+        applier.close()
+
+
 def test_holds_exactly_answers_from_dumps_and_diff_lists_only_when_it_says_no(ns, tmp_path, monkeypatch):
     plan = full_plan("lab-example", tmp_path)
     make_ports(plan)

@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 
-from segguard.apply.incremental import (LiveElements, collect_delta, rebind_delta, record_leftovers,
-                                        settle_leftovers)
+from segguard.apply.incremental import (LiveElements, catch_up_delta, collect_delta, in_force_elements, rebind_delta,
+                                        record_collected, record_leftovers, settle_leftovers, without_leftovers)
 from segguard.apply.nftables import Fingerprint
 from segguard.compile import compile_plan
 from segguard.compile.bind import tap_mac
@@ -185,3 +185,95 @@ def test_status_strips_only_leftovers_no_dispatch_reaches(config):
     bound = list(p1.nft)
     assert strip_inert_leftovers(bound, [PORT]) == (bound, 0)
     assert strip_inert_leftovers(listing, ["vnet99"]) == (listing, 0)
+
+
+# ---- a collection encoded from an older view, caught up in its own commit ------------
+#
+# The agent has a child encode the rebuild that deletes the leftovers while taps keep
+# being bound (Reconciler.begin_collect / finish_collect). What the kernel holds after
+# the commit is the rebuild's sets (the view when the child forked) changed by
+# catch_up_delta; it must be what the agent then records, and that a fresh compile.
+
+B = "vnet21"
+
+
+def _ports(*who_port):
+    return facts(*(PortFact(port, tap_mac(who[1])) for who, port in who_port))
+
+
+def _interval_leftover_sets(live):
+    return {name for by_set in live.leftover.values() for name, elems in by_set.items() if elems}
+
+
+def _commit_collection(live, before, ports):
+    """The kernel's side, strictly: a delete of an element the rebuilt set lacks, or an
+    add of one it holds, would make the kernel refuse the batch."""
+    delta = catch_up_delta(live, before, ports)
+    kernel = {name: dict(elems) for name, elems in before.items()}
+    for name, gone in delta.delete:
+        for e in gone:
+            del kernel[name][e]
+    for name, new in delta.add:
+        for e in new:
+            assert e not in kernel[name], (name, e)
+            kernel[name][e] = e
+    record_collected(live, set(before), ports)
+    for name, held in kernel.items():
+        assert set(held) == set(live.elems[name]), name
+    return delta
+
+
+def _range(port, lo, hi):
+    return {"concat": [port, "10.30.0.20", "tcp", {"range": [lo, hi]}]}
+
+
+def test_a_collection_caught_up_with_a_bind_of_its_port_name_to_another_guest(config):
+    none = facts()
+    p0 = compile_plan(config, none)
+    live = LiveElements.of(p0.nft)
+    _step(config, live, p0, none, _on_port(NEW), "newvm-1")
+    _step(config, live, p0, _on_port(NEW), none, "newvm-1")
+    ports, names = list(live.leftover), _interval_leftover_sets(live)
+    before = in_force_elements(live, names)
+    assert ports == [PORT] and _range(PORT, 5000, 5099) not in before["out_open4"].values()
+    # while the child encodes: othervm on the same port name (its bind settles newvm's range)
+    *_, p2 = _step(config, live, p0, none, _on_port(OTHER), "othervm-1")
+    delta = _commit_collection(live, before, ports)
+    assert dict(delta.add)["out_open4"] == (_range(PORT, 6000, 6099),) and not any(e for _, e in delta.delete)
+    assert live.leftover == {} and _view(live, p0) == Fingerprint.of(list(p2.nft))
+
+
+def test_a_collection_caught_up_with_a_bound_ports_delete_and_a_later_unbind(config):
+    """vnet21 goes from othervm to newvm while the child encodes: othervm's range is in
+    the encoded sets and must be deleted again (an allow behind newvm's dispatch), and
+    newvm's range added. othervm's unbind came after the encoding: it is not collected,
+    its range stays as a leftover of its own."""
+    none = facts()
+    p0 = compile_plan(config, none)
+    live = LiveElements.of(p0.nft)
+    _step(config, live, p0, none, _on_port(NEW), "newvm-1")
+    _step(config, live, p0, _on_port(NEW), none, "newvm-1")
+    _step(config, live, p0, none, _ports((OTHER, B)), "othervm-1")
+    ports, names = list(live.leftover), _interval_leftover_sets(live)
+    before = in_force_elements(live, names)
+    assert _range(B, 6000, 6099) in before["out_open4"].values()
+    _step(config, live, p0, _ports((OTHER, B)), none, "othervm-1")
+    assert set(live.leftover) == {PORT, B}
+    *_, p3 = _step(config, live, p0, none, _ports((NEW, B)), "newvm-1")
+    assert set(live.leftover) == {PORT}  # vnet21's settled by newvm's bind
+    delta = _commit_collection(live, before, ports)
+    assert dict(delta.delete)["out_open4"] == (_range(B, 6000, 6099),)
+    assert dict(delta.add)["out_open4"] == (_range(B, 5000, 5099),)
+    assert live.leftover == {} and _view(live, p0) == Fingerprint.of(list(p3.nft))
+
+    # an unbind after the encoding: not among the collected, its elements stay, inert
+    _step(config, live, p0, none, _ports((OTHER, PORT)), "othervm-1")
+    _step(config, live, p0, _ports((OTHER, PORT)), none, "othervm-1")
+    ports, names = list(live.leftover), _interval_leftover_sets(live)
+    assert ports == [PORT]
+    before = in_force_elements(live, names)
+    _step(config, live, p0, _ports((NEW, B)), none, "newvm-1")  # unbound after the fork
+    delta = _commit_collection(live, before, ports)
+    assert not any(e for _, e in delta.add) and not any(e for _, e in delta.delete)
+    assert set(live.leftover) == {B} and _range(B, 5000, 5099) in live.elems["out_open4"].values()
+    assert Fingerprint.of(without_leftovers(live).objects(p0.nft, p0.table)) == Fingerprint.of(list(p0.nft))
