@@ -160,9 +160,11 @@ class Agent:
         job, child = self._collecting
         self._collecting = None
         self.sel.unregister(child.fd)
-        ok, answer = child.answer()
-        self.rec.finish_collect(job, ok, answer)
-        self._after_collect()
+        try:
+            ok, answer = child.answer()
+            self.rec.finish_collect(job, ok, answer)
+        finally:  # whatever went wrong, what is left is collected later, or a reconcile repairs
+            self._after_collect()
 
     def _after_collect(self) -> None:
         if left := len(self.rec.leftover_ports):  # unbinds while it was encoded
