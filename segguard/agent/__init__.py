@@ -156,12 +156,19 @@ class Agent:
         self.sel.register(child.fd, selectors.EVENT_READ, "collect-child")
         self.log.info("leftover-collect-started", ports=job.ports[:20], port_count=len(job.ports), elements=job.elements)
 
+    # reconciles that say the kernel may not hold what the agent thinks: until one has
+    # run, a collection's rebuild would be written on top of someone else's table
+    _TABLE_IN_DOUBT = frozenset({"nft-change", "drift-check"})
+
     def _collected(self) -> None:
         job, child = self._collecting
         self._collecting = None
         self.sel.unregister(child.fd)
         try:
             ok, answer = child.answer()
+            if doubt := sorted(self.runner.pending & self._TABLE_IN_DOUBT):
+                self.log.info("leftover-collect-moot", ports=job.ports[:20], why=f"a reconcile is due first: {', '.join(doubt)}")
+                return
             self.rec.finish_collect(job, ok, answer)
         finally:  # whatever went wrong, what is left is collected later, or a reconcile repairs
             self._after_collect()

@@ -198,3 +198,40 @@ def test_when_quiet_waits_for_a_lull():
     assert not q.maybe_run(10.0)  # once per lull
     q.touch(11.0, at_once=True)
     assert q.deadline() == 11.0 and q.maybe_run(11.0) and runs == [1, 1]
+
+
+@pytest.mark.parametrize("pending", [set(), {"nft-change"}, {"drift-check", "link-new"}])
+def test_a_collections_answer_waits_for_a_reconcile_that_doubts_the_table(tmp_path, pending):
+    """A collection's rebuild is encoded from what the agent thinks the kernel holds.
+    If another writer changed the table meanwhile (an nft event, a drift check's '!'),
+    the reconcile due for it runs first and the answer is dropped: what is left is
+    collected later. Otherwise the answer is committed (finish_collect)."""
+    import selectors
+
+    from segguard.agent import Agent
+    from segguard.agent.log import Log
+    from segguard.child import fork_child
+
+    logged = []
+
+    class Recording(Log):
+        def info(self, event, **kw):
+            logged.append(event)
+
+    a = Agent(tmp_path, drift_every=None, log=Recording())
+    a.sel = selectors.DefaultSelector()
+    finished = []
+    a.rec.finish_collect = lambda job, ok, answer: finished.append((ok, answer))
+    child = fork_child(lambda: "encoded")
+    a.sel.register(child.fd, selectors.EVENT_READ, "collect-child")
+
+    class Job:
+        ports = ["vnet9"]
+    a._collecting = (Job(), child)
+    a.runner.pending = set(pending)
+    a._collected()
+    assert a._collecting is None and not a.sel.get_map()
+    if pending & {"nft-change", "drift-check"}:
+        assert finished == [] and "leftover-collect-moot" in logged
+    else:
+        assert finished == [(True, "encoded")] and "leftover-collect-moot" not in logged
