@@ -477,9 +477,7 @@ def replace(plan, rebuild: set[str] | None = None) -> tuple[nfnl.Batch, Expected
                              + _attr(SET_ID, _u32(len(sets_msgs) + 1)))
             payloads = direct_elems[name] if name in direct_elems else learned.elements.get(name, [])
             exp.elements[name] = Counter(payloads)
-            lengths = set(map(len, exp.elements[name]))
-            size = lengths.pop() if len(lengths) == 1 else None
-            exp.element_size[name] = size if size and size % 4 == 0 else None
+            exp.element_size[name] = _one_size(exp.elements[name])
             elem_msgs.append((name, payloads))
         elif kind == "chain":
             chain_msgs.append((fam, _chain_msg(table, body)))
@@ -569,9 +567,7 @@ def _rebuild(table: str, objects: list[dict[str, Any]], names: set[str], direct:
                       + b"".join(_attr(t, attrs[t]) for t in SET_RESENT if t in attrs) + _attr(SET_ID, _u32(len(exp.sets))))
             payloads = direct_elems[name] if name in direct_elems else learned.elements.get(name, [])
             exp.elements[name] = Counter(payloads)
-            lengths = set(map(len, payloads))
-            size = lengths.pop() if len(lengths) == 1 else None
-            exp.element_size[name] = size if size and size % 4 == 0 else None
+            exp.element_size[name] = _one_size(payloads)
             for j in range(0, len(payloads), nfnl._PER_MSG):
                 batch.add(NFT_MSG_NEWSETELEM, NLM_F_CREATE, NFPROTO_BRIDGE,
                           nfnl._elements_payload(table, name, b"".join(payloads[j:j + nfnl._PER_MSG])))
@@ -610,9 +606,15 @@ def extend_rebuild(batch: nfnl.Batch, exp: Expected, specs: dict[str, nfnl.SetSp
             exp.elements[name] += Counter(nfnl.element_payloads(specs[name], elems))
     nfnl._FIELDS.clear()
     for name, _ in (*delete, *add):
-        lengths = set(map(len, exp.elements[name]))
-        size = lengths.pop() if len(lengths) == 1 else None
-        exp.element_size[name] = size if size and size % 4 == 0 else None
+        exp.element_size[name] = _one_size(exp.elements[name])
+
+
+def _one_size(payloads) -> int | None:
+    """The one length of all these elements when it is a multiple of 4 (element_payloads
+    then cuts a dump without parsing it), else None."""
+    lengths = set(map(len, payloads))
+    size = lengths.pop() if len(lengths) == 1 else None
+    return size if size and size % 4 == 0 else None
 
 
 # ---- read-back ---------------------------------------------------------------------------

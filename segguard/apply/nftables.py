@@ -322,15 +322,9 @@ class NftablesApplier:
         self._rebuild_here(plan, sets)
 
     def _rebuild_here(self, plan: Plan, sets: set[str]) -> None:
-        from segguard.apply import nfnl_table
-
+        batch, expected = self.encode_rebuild(plan, sets)
         with gc_paused():
-            batch, expected = nfnl_table.replace(plan, rebuild=set(sets))
-            refused = f"kernel refused the rebuild of sets {', '.join(sorted(sets))}"
-            after = self._commit(self._socket(), batch, expected, refused, lambda: rebuild_batch(plan, sets))
-        if after is None or after:
-            raise ApplyError(f"read-back of the rebuilt sets of table bridge {plan.table} differs from the plan",
-                             details=after or ["the table is absent after the commit"])
+            self.commit_rebuild(plan.table, sets, batch, expected, lambda: rebuild_batch(plan, sets))
 
     @staticmethod
     def encode_rebuild(plan: Plan, sets: set[str]) -> tuple[Any, Any]:
