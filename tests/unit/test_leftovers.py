@@ -83,6 +83,17 @@ def _port_elems(plan, name):
     return [e for e in body.get("elem", []) if e["concat"][0] == PORT]
 
 
+def _newvm_bound_and_unbound(config):
+    """The empty plan, and the kernel's view after newvm was bound to PORT and unbound:
+    its range left behind."""
+    none = facts()
+    p0 = compile_plan(config, none)
+    live = LiveElements.of(p0.nft)
+    _step(config, live, p0, none, _on_port(NEW), "newvm-1")
+    _step(config, live, p0, _on_port(NEW), none, "newvm-1")
+    return p0, live
+
+
 def _no_leftover_behind_a_dispatch(live):
     for port in live.leftover:
         assert f'"{port}"' not in live.elems["out_dispatch"] and f'"{port}"' not in live.elems["in_dispatch"], port
@@ -121,10 +132,7 @@ def test_an_unbind_leaves_only_interval_elements_and_a_collection_removes_them(c
 
 def test_the_same_guest_bound_again_keeps_its_leftovers_and_holds_exactly_its_plan(config):
     none = facts()
-    p0 = compile_plan(config, none)
-    live = LiveElements.of(p0.nft)
-    _step(config, live, p0, none, _on_port(NEW), "newvm-1")
-    _step(config, live, p0, _on_port(NEW), none, "newvm-1")
+    p0, live = _newvm_bound_and_unbound(config)
     d, sent, deferred, kept, p1 = _step(config, live, p0, none, _on_port(NEW), "newvm-1")
     assert kept == [("out_open4", _port_elems(p1, "out_open4")[0])]
     assert dict(sent.add)["out_open4"] == ()  # not re-added: it is there
@@ -136,10 +144,7 @@ def test_another_guest_on_the_port_name_gets_only_its_own_elements_in_the_binds_
     """The fail-open case the settle exists for: without it, othervm's port would keep
     newvm's tcp 5000-5099 allow."""
     none = facts()
-    p0 = compile_plan(config, none)
-    live = LiveElements.of(p0.nft)
-    _step(config, live, p0, none, _on_port(NEW), "newvm-1")
-    _step(config, live, p0, _on_port(NEW), none, "newvm-1")
+    p0, live = _newvm_bound_and_unbound(config)
     old = _port_elems(compile_plan(config, _on_port(NEW)), "out_open4")
     d, sent, deferred, kept, p2 = _step(config, live, p0, none, _on_port(OTHER), "othervm-1")
     assert p2.binding("othervm-1").port == PORT
@@ -229,10 +234,7 @@ def _range(port, lo, hi):
 
 def test_a_collection_caught_up_with_a_bind_of_its_port_name_to_another_guest(config):
     none = facts()
-    p0 = compile_plan(config, none)
-    live = LiveElements.of(p0.nft)
-    _step(config, live, p0, none, _on_port(NEW), "newvm-1")
-    _step(config, live, p0, _on_port(NEW), none, "newvm-1")
+    p0, live = _newvm_bound_and_unbound(config)
     ports, names = list(live.leftover), _interval_leftover_sets(live)
     before = in_force_elements(live, names)
     assert ports == [PORT] and _range(PORT, 5000, 5099) not in before["out_open4"].values()
@@ -244,15 +246,13 @@ def test_a_collection_caught_up_with_a_bind_of_its_port_name_to_another_guest(co
 
 
 def test_a_collection_caught_up_with_a_bound_ports_delete_and_a_later_unbind(config):
-    """vnet21 goes from othervm to newvm while the child encodes: othervm's range is in
-    the encoded sets and must be deleted again (an allow behind newvm's dispatch), and
-    newvm's range added. othervm's unbind came after the encoding: it is not collected,
-    its range stays as a leftover of its own."""
+    """vnet21 goes from othervm to newvm while the child encodes (newvm's bind deletes
+    othervm's range, left by its unbind): that range is in the encoded sets and must be
+    deleted again (an allow behind newvm's dispatch), and newvm's range added. Then a
+    port unbound after a collection was encoded is not collected: its range stays a
+    leftover of its own."""
     none = facts()
-    p0 = compile_plan(config, none)
-    live = LiveElements.of(p0.nft)
-    _step(config, live, p0, none, _on_port(NEW), "newvm-1")
-    _step(config, live, p0, _on_port(NEW), none, "newvm-1")
+    p0, live = _newvm_bound_and_unbound(config)
     _step(config, live, p0, none, _ports((OTHER, B)), "othervm-1")
     ports, names = list(live.leftover), _interval_leftover_sets(live)
     before = in_force_elements(live, names)
