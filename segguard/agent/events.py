@@ -21,6 +21,7 @@ import errno
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,6 +254,7 @@ class NftMonitor:
         try:
             yield window
         finally:
+            _test_hold()
             self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
             try:
                 step = (nfnl_sock.generation() - before) % (1 << 32)
@@ -267,6 +269,24 @@ class NftMonitor:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _test_hold() -> None:
+    """A test's way to commit while the agent is out of the group (tests/netns/
+    test_agent.py): with SEGGUARD_TEST_QUIET_HOLD=<dir> and <dir>/arm present, the
+    window stays open until the test removes <dir>/held; once, at most 30 s."""
+    hold = os.environ.get("SEGGUARD_TEST_QUIET_HOLD")
+    if not hold:
+        return
+    arm, held = Path(hold) / "arm", Path(hold) / "held"
+    try:
+        arm.rename(held)
+    except OSError:
+        return
+    for _ in range(300):
+        if not held.exists():
+            return
+        time.sleep(0.1)
 
 
 _IN_MASK = 0x2 | 0x8 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800  # MODIFY CLOSE_WRITE MOVED_* CREATE DELETE*

@@ -421,6 +421,42 @@ def test_table_deleted_by_hand_is_repaired_logged_and_counted(lab, agent):
     assert any(l["event"] == "drift" and l["kind"] == "elements-changed" for l in agent.logs())
 
 
+def test_a_change_made_while_the_agent_is_out_of_the_monitor_group_is_still_repaired(lab, cfg, tmp_path):
+    """The agent leaves the nftables notification group while it commits a full
+    replace (its ~60,000 echoes cost the kernel and it). A foreign commit in that
+    window is never notified: the generation step says it happened, and the loop
+    reconciles as for any foreign change. Here the window is held open
+    (SEGGUARD_TEST_QUIET_HOLD) after the replace an edit to audit mode takes, and
+    its read-back, and a port's dispatch element is deleted by hand meanwhile; the
+    drift check is an hour away, so only the step can bring the element back."""
+    hv = lab.topology.hv_ns
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    _port[0] += 1
+    agent = AgentProc(hv, cfg, tmp_path / "state", tmp_path / "agent.log", _port[0],
+                      args=("--verify-every", "0", "--drift-every", "3600"))
+    agent.env["SEGGUARD_TEST_QUIET_HOLD"] = str(hold)
+    try:
+        agent.start()
+        (hold / "arm").touch()
+        prof = cfg / "profiles" / "xp-line3.yaml"
+        # audit mode: chains of its own (their log prefix names it), so the full road
+        prof.write_text(prof.read_text().replace("mode: enforce", "mode: audit  "))
+        wait_for(lambda: (hold / "held").exists(), "the edit's replace, the agent out of the group")
+        n = len(agent.logs())
+        port, verdict = dispatched = elems(live_table(hv), "out_dispatch")[0]
+        nsrun(hv, "nft", "delete", "element", "bridge", "segguard", "out_dispatch", f"{{ {port} }}", check=True)
+        assert dispatched not in elems(live_table(hv), "out_dispatch")
+        (hold / "held").unlink()
+        wait_for(lambda: dispatched in elems(live_table(hv), "out_dispatch"), f"the deleted element of {port} put back")
+        drift = [l for l in agent.logs()[n:] if l["event"] == "drift"]
+        assert drift and drift[0]["kind"] == "elements-changed", drift
+        assert any(l["event"] == "applied" and "nft-change" in l.get("reasons", []) for l in agent.logs()[n:])
+        assert agent.cli("plan", "-c", str(cfg)).returncode == 0
+    finally:
+        agent.stop()
+
+
 def test_bad_profile_keeps_the_old_policy_and_status_shows_file_line(lab, agent, cfg):
     hv = lab.topology.hv_ns
     good = live_table(hv)
