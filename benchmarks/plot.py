@@ -19,7 +19,6 @@ def main(argv: list[str] | None = None) -> None:
 
     fig, ax = plt.subplots(figsize=(10, 4.5))
     apply_p = c.RESULTS / "apply.json"
-    nwf_p = c.RESULTS / "nwfilter.json"
     if apply_p.exists():
         data = json.loads(apply_p.read_text())
         for shape, marker in (("per-guest", "o"), ("shared", "s")):
@@ -44,12 +43,14 @@ def main(argv: list[str] | None = None) -> None:
         if pts:
             ax.plot(*zip(*pts), marker="o", color="grey", alpha=0.5, linestyle="-.",
                     label=f"previous design ({data.get('when', '')[:10]}): per-profile rule chains")
-    if nwf_p.exists():
-        data = json.loads(nwf_p.read_text())
-        pts = sorted((r["n"], r["nwfilter"]["create_total"]) for r in data["results"])
+    # every nwfilter run (`bench_nwfilter --result nwfilter-200` keeps the long N=200 one
+    # apart from run_all's capped one); each point is one run's, its segguard beside it
+    nwf = [r for p in sorted(c.RESULTS.glob("nwfilter*.json")) for r in json.loads(p.read_text())["results"]]
+    if nwf:
+        pts = sorted((r["n"], r["nwfilter"]["create_total"]) for r in nwf)
         if pts:
             ax.plot(*zip(*pts), marker="^", color="crimson", label="libvirt nwfilter: bind N ports")
-        pts = sorted((r["n"], r["segguard"]["create"]["median"]) for r in data["results"])
+        pts = sorted((r["n"], r["segguard"]["create"]["median"]) for r in nwf)
         if pts:
             ax.plot(*zip(*pts), marker="v", color="green", linestyle="--", label="segguard: same N ports, same policy (shared)")
     ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
