@@ -67,6 +67,9 @@ class TopologyReader:
         self.with_libvirt = with_libvirt
         self.monitor = None  # events.LinkMonitor
         self._addrs: dict[int, tuple[int, tuple[str, ...]]] = {}  # bridge index -> (addr_version, addresses)
+        # bridge name -> (monitor epoch, changes seen, bridge index, BridgeFact): the last
+        # reading of each bridge, brought up to date by the monitor's changes alone
+        self._bridges: dict[str, tuple[int, int, int, Any]] = {}
 
     def caps(self) -> HostFacts:
         if self._caps is None:
@@ -92,8 +95,11 @@ class TopologyReader:
 
         caps = self.caps()
         try:
-            links = self.monitor.links if self.monitor is not None else rtnl.links()
-            found = bridge_facts(bridges, links, self._addresses, vlans=bool(caps.vlan_filtering))
+            if self.monitor is not None and hasattr(self.monitor, "changes_since") and not caps.vlan_filtering:
+                found = self._bridges_by_changes(bridges)
+            else:
+                links = self.monitor.links if self.monitor is not None else rtnl.links()
+                found = bridge_facts(bridges, links, self._addresses, vlans=bool(caps.vlan_filtering))
         except OSError as exc:
             from segguard.errors import HostError
 
@@ -106,8 +112,36 @@ class TopologyReader:
         return HostFacts(bridges=tuple(found), libvirt_ports=lv, bridge_conntrack=caps.bridge_conntrack,
                          vlan_filtering=caps.vlan_filtering)
 
+    def _bridges_by_changes(self, bridges: list[str]) -> list[Any]:
+        """bridge_facts from the monitor's table, each bridge's last reading brought up
+        to date by the link changes since (host/netlink.py bridge_fact_updated); a
+        bridge read whole when the monitor read its table afresh, its log does not
+        reach back, or the bridge link itself changed."""
+        from segguard.host.netlink import bridge_fact_updated, bridge_facts
+
+        mon = self.monitor
+        found = []
+        for name in sorted(set(bridges)):
+            fact, hit = None, self._bridges.get(name)
+            if hit is not None:
+                epoch, seen, index, old = hit
+                changes = mon.changes_since(epoch, seen)
+                if changes is not None:
+                    fact = bridge_fact_updated(old, index, changes, self._addresses(index))
+            if fact is None:
+                index = next((l.index for l in mon.links.values() if l.name == name), None)
+                whole = bridge_facts([name], mon.links, self._addresses, vlans=False) if index is not None else []
+                if not whole:
+                    self._bridges.pop(name, None)
+                    continue
+                fact = whole[0]
+            self._bridges[name] = (mon.epoch, mon.changes, index, fact)
+            found.append(fact)
+        return found
+
     def close(self) -> None:
         self._addrs.clear()
+        self._bridges.clear()
 
 
 # ---------------------------------------------------------------- drift, by kind

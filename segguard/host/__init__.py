@@ -49,6 +49,10 @@ class BridgeFact:
             out.setdefault(p.mac, []).append(p.name)
         return {m: tuple(n) for m, n in out.items()}
 
+    @cached_property
+    def by_name(self) -> dict[str, PortFact]:
+        return {p.name: p for p in self.ports}
+
 
 @dataclass(frozen=True)
 class HostFacts:
@@ -65,7 +69,7 @@ class HostFacts:
     @cached_property
     def port_names(self) -> frozenset[str]:
         """Every port of every bridge."""
-        return frozenset(n for b in self.bridges for n in b.port_names)
+        return frozenset().union(*(b.port_names for b in self.bridges))
 
     def to_json(self) -> str:
         data = asdict(self)

@@ -1,6 +1,7 @@
 """Read HostFacts from the running kernel (the current network namespace)."""
 from __future__ import annotations
 
+import operator
 from typing import Callable
 
 from segguard.errors import HostError
@@ -59,6 +60,66 @@ def bridge_facts(bridges: list[str], links: dict, addresses: Callable[[int], tup
                 vf = (fresh.vlan_filtering, port_vlans(br.index, names))
         found.append(BridgeFact(name, addresses(br.index), ports, *vf))
     return found
+
+
+_NAME = operator.attrgetter("name")
+
+
+def bridge_fact_updated(old: BridgeFact, bridge_index: int, changes, addresses: tuple[str, ...]) -> BridgeFact | None:
+    """`old`, the bridge whose link is `bridge_index`, after `changes` -- (before, after)
+    of one link each (None: absent), in the order they happened (events.LinkMonitor) --
+    with `addresses` as they are now; its indexes carried over and adjusted, so a bind
+    beside 900 ports costs the ports that changed, not the bridge's. The same fact as
+    bridge_facts builds from the links (tests/unit/test_bridge_facts.py holds them to
+    each other). None when a change is to the bridge link itself (gone, renamed, or
+    another link under its index): read it whole. Without VLAN facts only (those are
+    read afresh with every reading)."""
+    if old.vlan_filtering is not None or old.vlans:
+        return None
+    by_name: dict[str, PortFact] | None = None
+    touched: set[str] = set()
+    for before, after in changes:
+        if (before is not None and before.index == bridge_index) or (after is not None and after.index == bridge_index):
+            if before is None or after is None or before.name != after.name or before.master is not None:
+                return None
+            continue  # its own MAC or state: not a fact of its ports
+        was = before is not None and before.master == bridge_index
+        now = after is not None and after.master == bridge_index
+        if not (was or now):
+            continue
+        if by_name is None:
+            by_name = dict(old.by_name)
+        if was:
+            by_name.pop(before.name, None)
+            touched.add(before.name)
+        if now:
+            by_name[after.name] = PortFact(after.name, after.mac)
+            touched.add(after.name)
+    if by_name is None:
+        if addresses == old.addresses:
+            return old
+        fact = BridgeFact(old.name, addresses, old.ports)
+        fact.__dict__.update({k: old.__dict__[k] for k in ("port_names", "port_keys", "ports_by_mac", "by_name")
+                              if k in old.__dict__})
+        return fact
+    prior = old.by_name
+    gone = {prior[n] for n in touched if n in prior and by_name.get(n) != prior[n]}
+    came = {by_name[n] for n in touched if n in by_name and prior.get(n) != by_name[n]}
+    fact = BridgeFact(old.name, addresses, tuple(sorted(by_name.values(), key=_NAME)))
+    by_mac = dict(old.ports_by_mac)
+    for p in gone:
+        left = tuple(n for n in by_mac[p.mac] if n != p.name)
+        if left:
+            by_mac[p.mac] = left
+        else:
+            del by_mac[p.mac]
+    for p in came:
+        by_mac[p.mac] = tuple(sorted((*by_mac.get(p.mac, ()), p.name)))
+    fact.__dict__.update(
+        by_name=by_name, ports_by_mac=by_mac,
+        port_names=(old.port_names - {p.name for p in gone}) | {p.name for p in came},
+        port_keys=(old.port_keys - {(p.name, p.mac) for p in gone}) | {(p.name, p.mac) for p in came})
+    return fact
 
 
 def port_vlans(bridge_index: int, names: dict[int, str]) -> tuple:
