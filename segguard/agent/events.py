@@ -91,7 +91,9 @@ class LinkMonitor:
         self._log_start += len(self._log)
         self._log = []
 
-    LOG_KEPT = 4096  # a reader further behind reads its bridges whole
+    # the agent reads its bridges after every burst of events, a few changes behind at
+    # most; a reader further behind reads its bridges whole (the log costs memory)
+    LOG_KEPT = 256
 
     @property
     def changes(self) -> int:
