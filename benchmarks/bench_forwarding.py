@@ -1,9 +1,12 @@
 """Bridge forwarding with 1,000 guests' policies loaded, traffic to the LAST guest:
 throughput (iperf3, TCP) and request/response latency (1-byte TCP ping-pong, p50/p99),
-for seven configurations of the same bridge, interleaved round by round:
+for eight configurations of the same bridge, interleaved round by round:
   none      no nftables table at all
   empty     one bridge table with one empty forward base chain: the floor, what any
             bridge-family filter costs before it matches anything
+  empty2    empty prerouting and forward base chains: the floor of any design that
+            judges a frame before the bridge learns its source (prerouting) and
+            toward the port it leaves by (forward), as segguard must
   dispatch  segguard's table with nothing dispatched (its verdict maps empty): the
             base chains (toward a guest the fast path, then the dispatch; from a port
             the dispatch, then the MAC guard) and the guest port's netdev ingress
@@ -112,11 +115,11 @@ def naive_batch() -> dict:
     return {"nftables": cmds}
 
 
-def empty_batch() -> dict:
+def empty_batch(hooks: tuple[str, ...] = ("forward",)) -> dict:
     t = "sgb_naive"  # configure() deletes it between configurations
     return {"nftables": [{"metainfo": {"json_schema_version": 1}}, {"add": {"table": {"family": "bridge", "name": t}}},
-                         {"add": {"chain": {"family": "bridge", "table": t, "name": "forward", "type": "filter",
-                                            "hook": "forward", "prio": -190, "policy": "accept"}}}]}
+                         *({"add": {"chain": {"family": "bridge", "table": t, "name": h, "type": "filter",
+                                              "hook": h, "prio": -190, "policy": "accept"}}} for h in hooks)]}
 
 
 def undispatched(batch: dict) -> dict:
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
             Path(args.dump).write_text(json.dumps(replace_batch(compile_plan(load_config(d), c.facts(N))), default=jsonable))
         return {}
     compare = dict(x.split("=", 1) for x in args.compare)
-    kinds = ("none", "empty", "dispatch", "-macguard", "-netdev", "segguard", *compare, "naive")
+    kinds = ("none", "empty", "empty2", "dispatch", "-macguard", "-netdev", "segguard", *compare, "naive")
     if args.only:
         kinds = tuple(k for k in kinds if k == "none" or k in args.only.split(","))
     res = {k: {"bps": [], "rtt": [], "filter_share": []} for k in kinds}
@@ -238,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
             plan = compile_plan(load_config(d), c.facts(N))
             naive = naive_batch()
             seg_batch = replace_batch(plan)
-            batches = {"none": None, "empty": empty_batch(), "dispatch": undispatched(seg_batch), "segguard": seg_batch,
+            batches = {"none": None, "empty": empty_batch(), "empty2": empty_batch(("prerouting", "forward")), "dispatch": undispatched(seg_batch), "segguard": seg_batch,
                        "-macguard": without(undispatched(seg_batch), _is_mac_guard),
                        "-netdev": without(undispatched(seg_batch), _is_netdev),
                        "naive": naive, **{k: json.loads(Path(f).read_text()) for k, f in compare.items()}}
@@ -289,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
                    **({"filter_share": c.summarize(v["filter_share"])} if v["filter_share"] else {})} for k, v in res.items()}
     base = summary["none"]
     rows = []
-    rule_count = {"none": 0, "empty": 0, "dispatch": seg_rules, "segguard": seg_rules, "naive": naive_rules}
+    rule_count = {"none": 0, "empty": 0, "empty2": 0, "dispatch": seg_rules, "segguard": seg_rules, "naive": naive_rules}
     rule_count.update({k: sum(1 for x in batches[k]["nftables"] if "rule" in x.get("add", {})) for k in ("-macguard", "-netdev", *compare)})
     for k in kinds:
         s = summary[k]
@@ -306,6 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
         return 100 * summary[kind]["gbps"]["median"] / base["gbps"]["median"] if kind in summary else None
 
     targets: dict = {"floor_pct_of_none": pct("empty"),  # what no bridge-family design beats here: one empty chain
+                     "two_hook_floor_pct_of_none": pct("empty2"),  # two empty chains: prerouting and forward
                      "dispatch_pct_of_none": pct("dispatch"), "throughput_pct_of_none": pct("segguard")}
     if "segguard" in summary:
         seg = summary["segguard"]

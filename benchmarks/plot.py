@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("N (guests / ports)")
     ax.set_ylabel("seconds")
-    ax.set_title("Apply time vs N (2 shared cores; one run)")
+    ax.set_title("Apply time vs N (2 shared cores; each nwfilter point beside its segguard one, same run)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: the lines fill the plot
     fig.tight_layout()
