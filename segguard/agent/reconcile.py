@@ -95,7 +95,7 @@ class TopologyReader:
 
         caps = self.caps()
         try:
-            if self.monitor is not None and hasattr(self.monitor, "changes_since") and not caps.vlan_filtering:
+            if self.monitor is not None and not caps.vlan_filtering:
                 found = self._bridges_by_changes(bridges)
             else:
                 links = self.monitor.links if self.monitor is not None else rtnl.links()
