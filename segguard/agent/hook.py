@@ -84,4 +84,30 @@ def decide(operation: str, sub_op: str, domain_xml: str, config_dir: str | Path 
         return HookDecision(False, "segguard: refusing to start legacy guest " + ", ".join(ours) +
                             ": its policy is not loaded (start the agent or run `segguard apply`): " +
                             "; ".join(problems[:5]), tuple(ours), tuple(problems))
+    # A guest without an explicit `port` is dispatched only once the agent binds its tap;
+    # until then a frame from that tap with a forged source MAC meets no rule of its own
+    # (the MAC guard knows only the guest's MAC). Without an agent that never ends.
+    portless = [g for g in ours if plan.binding(g) is not None and plan.binding(g).port is None]
+    if portless and not agent_running():
+        return HookDecision(False, "segguard: refusing to start legacy guest " + ", ".join(portless) +
+                            ": it names no `port`, so only the agent can bind its tap, and no agent is running "
+                            "(start `segguard agent`, or give the guest an explicit `port`)", tuple(ours),
+                            ("no running agent to bind the tap",))
     return HookDecision(True, "segguard: policy loaded for " + ", ".join(ours), tuple(ours))
+
+
+def agent_running() -> bool:
+    """An agent that said it is ready, in this namespace, whose process still exists."""
+    import os
+
+    from segguard.flow import read_state
+
+    st = read_state("agent") or {}
+    pid = st.get("pid")
+    if not isinstance(pid, int) or pid <= 0 or not st.get("ready"):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"segguard" in cmdline  # not another process that got the pid since

@@ -636,11 +636,17 @@ def test_libvirt_hook_as_libvirt_calls_it(lab, agent, cfg, tmp_path):
     # a non-legacy domain starts as if segguard were not there; other operations are not guarded
     assert _hook(hv, agent.env, cfg, "ordinary", "52:54:00:bb:00:01").returncode == 0
     assert _hook(hv, agent.env, cfg, "newvm-1", NEW_MAC, "stopped", "end").returncode == 0
-    # the policy of that guest changed by hand: not "loaded" either
+    # the policy applied by the CLI, no agent: a guest with an explicit port may start (its
+    # rules are in place before its tap exists); one bound only by its tap may not, since
+    # nothing would bind the tap and a forged source MAC from it would meet no rule
     assert agent.cli("apply", "-c", str(cfg)).returncode == 0
-    assert _hook(hv, agent.env, cfg, "newvm-1", NEW_MAC).returncode == 0
+    xp = lab.host("xp")
+    assert _hook(hv, agent.env, cfg, "xp-line3-hmi", xp.mac).returncode == 0
+    portless = _hook(hv, agent.env, cfg, "newvm-1", NEW_MAC)
+    assert portless.returncode != 0 and "no agent is running" in portless.stderr, portless.stderr
+    # the policy of that guest changed by hand: not "loaded" either
     nsrun(hv, "nft", "flush", "chain", "bridge", "segguard", "gout_inet_dom_deny", check=True)
-    changed = _hook(hv, agent.env, cfg, "newvm-1", NEW_MAC)
+    changed = _hook(hv, agent.env, cfg, "xp-line3-hmi", xp.mac)
     assert changed.returncode != 0 and "gout_inet_dom_deny" in changed.stderr, changed.stderr
     # the installed hook script runs the same entry point
     from segguard.agent.install import write_hook

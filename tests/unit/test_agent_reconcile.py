@@ -133,3 +133,33 @@ def test_a_binding_from_an_older_state_file_finds_its_chains_in_the_dispatch_map
     assert scada.chains == ("gout_inet_dom_allow", "gin_inet_dom_allow")
     assert _class_chain_names(list(plan.nft), old) == set(scada.chains)
     assert guest_view(list(plan.nft), old) == guest_view(list(plan.nft), scada)
+
+
+def test_an_agent_counts_as_running_only_ready_alive_and_segguard(tmp_path, monkeypatch):
+    """The libvirt hook refuses a port-less legacy guest unless an agent will bind its
+    tap: a state file saying ready, of a process that exists and is segguard's (a pid
+    reused by another program since is no agent)."""
+    import subprocess
+    import sys
+
+    from segguard.agent.hook import agent_running
+    from segguard.flow import write_state
+
+    monkeypatch.setenv("SEGGUARD_STATE", str(tmp_path))
+    assert not agent_running()  # no state file
+    sleep = "import time; time.sleep(60)"
+    like = subprocess.Popen([sys.executable, "-c", sleep, "segguard", "agent"])
+    other = subprocess.Popen([sys.executable, "-c", sleep, "something-else"])
+    try:
+        write_state("agent", {"pid": like.pid, "ready": True})
+        assert agent_running()
+        write_state("agent", {"pid": like.pid, "ready": False})
+        assert not agent_running()  # not ready yet (or stopped saying so)
+        write_state("agent", {"pid": other.pid, "ready": True})
+        assert not agent_running()  # the pid is another program's
+    finally:
+        for p in (like, other):
+            p.kill()
+            p.wait()
+    write_state("agent", {"pid": like.pid, "ready": True})
+    assert not agent_running()  # gone
