@@ -4,7 +4,8 @@ libvirt runs /etc/libvirt/hooks/qemu as `qemu <domain> <operation> <sub-op> <ext
 with the domain XML on stdin, and aborts the start if the hook exits non-zero on
 `prepare begin` / `start begin`. A domain with an interface whose MAC is a legacy
 guest's may start only if the live table holds exactly the plan's policy for that
-guest; anything else starts as if segguard were not there.
+guest, and, for a guest without an explicit `port`, only while an agent runs to bind
+its tap; anything else starts as if segguard were not there.
 
 A hook must not call back into libvirt (libvirtd waits for it): facts are read from
 netlink only, and the tap does not exist yet anyway, so the guest's planned binding
@@ -87,7 +88,7 @@ def decide(operation: str, sub_op: str, domain_xml: str, config_dir: str | Path 
     # A guest without an explicit `port` is dispatched only once the agent binds its tap;
     # until then a frame from that tap with a forged source MAC meets no rule of its own
     # (the MAC guard knows only the guest's MAC). Without an agent that never ends.
-    portless = [g for g in ours if plan.binding(g) is not None and plan.binding(g).port is None]
+    portless = [g for g in ours if (b := plan.binding(g)) is not None and b.port is None]
     if portless and not agent_running():
         return HookDecision(False, "segguard: refusing to start legacy guest " + ", ".join(portless) +
                             ": it names no `port`, so only the agent can bind its tap, and no agent is running "
